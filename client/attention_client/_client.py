@@ -1,0 +1,119 @@
+"""Synchronous client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from ._proto.attention.v1 import attention_pb2 as pb
+from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
+from ._request import SequenceLike, build_request
+from .errors import AttentionError
+from .results import AnalyzeResult, ModelInfo
+
+Metadata = Iterable[tuple[str, str]]
+
+# Responses carry full attention matrices: lift gRPC's 4 MB receive default.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class AttentionClient:
+    """Client for attention.v1.AttentionService.
+
+    `timeout` (seconds) and `metadata` set here apply to every call unless a call
+    passes its own. Failed calls raise AttentionError with the gRPC status code.
+    Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        opts = CHANNEL_OPTIONS + list(options or [])
+        self._channel = (
+            grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
+        )
+        self._stub = pb_grpc.AttentionServiceStub(self._channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata or ())
+
+    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self.metadata if metadata is None else tuple(metadata),
+        }
+
+    def analyze(
+        self,
+        sequences: SequenceLike | Iterable[SequenceLike],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options: Any,
+    ) -> Any:
+        """Analyze one sequence (returns an AnalyzeResult) or several (a list).
+
+        A sequence is text, a (text, text_pair) tuple, or a list of token ids.
+        Options: model, layers, heads, top_k, min_strength, exclude_special_tokens,
+        attention, hidden_states, attention_dtype ("float32"/"float16"), ids.
+        """
+        request, single = build_request(sequences, **options)
+        try:
+            response = self._stub.Analyze(request, **self._kw(timeout, metadata))
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+        results = [AnalyzeResult.from_pb(r) for r in response.results]
+        return results[0] if single else results
+
+    def analyze_stream(
+        self,
+        sequences: Iterable[SequenceLike],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options: Any,
+    ) -> Iterator[AnalyzeResult]:
+        """Like analyze, one result at a time in request order (AnalyzeStream)."""
+        request, _ = build_request(sequences, **options)
+        call = self._stub.AnalyzeStream(request, **self._kw(timeout, metadata))
+        try:
+            for msg in call:
+                yield AnalyzeResult.from_pb(msg)
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
+    def list_models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[ModelInfo]:
+        try:
+            response = self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout, metadata))
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+        return [ModelInfo.from_pb(m) for m in response.models]
+
+    def get_model(self, name: str = "", *, timeout: float | None = None,
+                  metadata: Metadata | None = None) -> ModelInfo:
+        """Metadata and heads of one model ('' for the server's default)."""
+        try:
+            return ModelInfo.from_pb(self._stub.GetModel(pb.GetModelRequest(name=name), **self._kw(timeout, metadata)))
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AttentionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

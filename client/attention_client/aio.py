@@ -1,0 +1,104 @@
+"""asyncio client: the same names as AttentionClient, awaitable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+
+from ._client import CHANNEL_OPTIONS, Metadata
+from ._proto.attention.v1 import attention_pb2 as pb
+from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
+from ._request import SequenceLike, build_request
+from .errors import AttentionError
+from .results import AnalyzeResult, ModelInfo
+
+
+class AsyncAttentionClient:
+    """asyncio twin of AttentionClient (grpc.aio). Use `async with`, or await close()."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        opts = CHANNEL_OPTIONS + list(options or [])
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, opts) if credentials
+            else grpc.aio.insecure_channel(target, opts)
+        )
+        self._stub = pb_grpc.AttentionServiceStub(self._channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata or ())
+
+    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self.metadata if metadata is None else tuple(metadata),
+        }
+
+    async def analyze(
+        self,
+        sequences: SequenceLike | Iterable[SequenceLike],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options: Any,
+    ) -> Any:
+        """See AttentionClient.analyze."""
+        request, single = build_request(sequences, **options)
+        try:
+            response = await self._stub.Analyze(request, **self._kw(timeout, metadata))
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+        results = [AnalyzeResult.from_pb(r) for r in response.results]
+        return results[0] if single else results
+
+    async def analyze_stream(
+        self,
+        sequences: Iterable[SequenceLike],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        **options: Any,
+    ) -> AsyncIterator[AnalyzeResult]:
+        """See AttentionClient.analyze_stream."""
+        request, _ = build_request(sequences, **options)
+        call = self._stub.AnalyzeStream(request, **self._kw(timeout, metadata))
+        try:
+            async for msg in call:
+                yield AnalyzeResult.from_pb(msg)
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
+    async def list_models(self, *, timeout: float | None = None,
+                          metadata: Metadata | None = None) -> list[ModelInfo]:
+        try:
+            response = await self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout, metadata))
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+        return [ModelInfo.from_pb(m) for m in response.models]
+
+    async def get_model(self, name: str = "", *, timeout: float | None = None,
+                        metadata: Metadata | None = None) -> ModelInfo:
+        try:
+            msg = await self._stub.GetModel(pb.GetModelRequest(name=name), **self._kw(timeout, metadata))
+        except grpc.RpcError as exc:
+            raise AttentionError.from_rpc_error(exc) from exc
+        return ModelInfo.from_pb(msg)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncAttentionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,135 @@
+"""`attention-client`: read heads from the command line.
+
+    attention-client analyze "The transformer model processes all tokens." --top-k 3
+    attention-client analyze "..." --json result.json --npz result.npz
+    attention-client models
+    attention-client heads [MODEL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._client import AttentionClient
+from .errors import AttentionError
+from .results import AnalyzeResult, ModelInfo
+
+
+def format_pairs(result: AnalyzeResult) -> str:
+    """The table a person reads: layer, head, from token, to token, strength."""
+    rows = result.pair_rows()
+    width = max([len("from"), *(max(len(f), len(t)) for _, _, f, t, _ in rows)]) if rows else 4
+    lines = [f"{'layer':>5}  {'head':>4}  {'from':<{width}}  {'to':<{width}}  {'strength':>8}"]
+    for layer, head, frm, to, strength in rows:
+        lines.append(f"{layer:>5}  {head:>4}  {frm:<{width}}  {to:<{width}}  {strength * 100:>7.1f}%")
+    return "\n".join(lines)
+
+
+def result_to_json(result: AnalyzeResult) -> dict[str, Any]:
+    return {
+        "index": result.index,
+        "id": result.id,
+        "tokens": [vars(t) for t in result.tokens],
+        "layers": result.layers,
+        "heads": result.heads,
+        "pairs": [
+            {"layer": hp.layer, "head": hp.head, "pairs": [vars(p) for p in hp.pairs]} for hp in result.pairs
+        ],
+        "attention": None if result.attention is None else result.attention.astype(float).tolist(),
+        "hidden_states": None if result.hidden_states is None else result.hidden_states.astype(float).tolist(),
+    }
+
+
+def save_npz(results: list[AnalyzeResult], path: Path) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for r in results:
+        arrays[f"seq{r.index}_token_ids"] = np.array([t.id for t in r.tokens], dtype=np.int64)
+        arrays[f"seq{r.index}_tokens"] = np.array(r.token_texts)
+        arrays[f"seq{r.index}_layers"] = np.array(r.layers, dtype=np.int32)
+        arrays[f"seq{r.index}_heads"] = np.array(r.heads, dtype=np.int32)
+        if r.attention is not None:
+            arrays[f"seq{r.index}_attention"] = r.attention
+        if r.hidden_states is not None:
+            arrays[f"seq{r.index}_hidden_states"] = r.hidden_states
+    np.savez_compressed(path, **arrays)
+
+
+def format_models(models: list[ModelInfo]) -> str:
+    lines = []
+    for m in models:
+        lines.append(f"{m.name}: {m.architecture}, {m.num_layers} layers x {m.num_heads} heads, hidden "
+                     f"{m.hidden_size}, {m.max_positions} positions, vocab {m.vocab_size}, max batch "
+                     f"{m.max_batch_size}\n  source: {m.source}\n  sha256: {m.sha256}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attention-client", description="Client for the attention service.")
+    parser.add_argument("--target", default=os.environ.get("ATTENTION_TARGET", "localhost:50051"),
+                        help="server address (default: $ATTENTION_TARGET or localhost:50051)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    analyze = sub.add_parser("analyze", help="top pairs per head for one or more texts")
+    analyze.add_argument("texts", nargs="+", help="input text(s)")
+    analyze.add_argument("--model", default="")
+    analyze.add_argument("--layers", type=int, nargs="*", default=None)
+    analyze.add_argument("--heads", type=int, nargs="*", default=None)
+    analyze.add_argument("--top-k", type=int, default=3, help="pairs per head (default 3)")
+    analyze.add_argument("--min-strength", type=float, default=0.0)
+    analyze.add_argument("--include-special", action="store_true",
+                         help="keep pairs with [CLS]/[SEP] in the table (left out by default: they dominate)")
+    analyze.add_argument("--float16", action="store_true", help="ask for float16 attention")
+    analyze.add_argument("--json", type=Path, help="write the full result as JSON")
+    analyze.add_argument("--npz", type=Path, help="write tokens, attention and hidden states as .npz")
+
+    sub.add_parser("models", help="list the served models")
+    heads = sub.add_parser("heads", help="list a model's heads")
+    heads.add_argument("model", nargs="?", default="")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with AttentionClient(args.target, timeout=args.timeout) as client:
+            if args.command == "models":
+                print(format_models(client.list_models()))
+            elif args.command == "heads":
+                info = client.get_model(args.model)
+                print(f"{info.name}: {len(info.heads)} heads")
+                for h in info.heads:
+                    stats = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.statistics.items()))
+                    print(f"  layer {h.layer:>2} head {h.index:>2}  {h.role or '-'}  {stats}".rstrip())
+            else:
+                full = bool(args.json or args.npz)
+                results = client.analyze(
+                    args.texts, model=args.model, layers=args.layers, heads=args.heads, top_k=args.top_k,
+                    min_strength=args.min_strength, exclude_special_tokens=not args.include_special,
+                    attention=full, hidden_states=full, attention_dtype="float16" if args.float16 else "float32",
+                )
+                for text, result in zip(args.texts, results, strict=True):
+                    if len(results) > 1:
+                        print(f"# {text}")
+                    print(format_pairs(result))
+                if not args.include_special:
+                    print("(pairs with special tokens left out; --include-special shows them)")
+                if args.json:
+                    args.json.write_text(json.dumps([result_to_json(r) for r in results]))
+                if args.npz:
+                    save_npz(results, args.npz)
+    except AttentionError as exc:
+        print(f"attention-client: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

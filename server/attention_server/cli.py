@@ -1,0 +1,52 @@
+"""`attention-server`: a thin CLI over Settings (flags or ATTENTION_* variables)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from .settings import Settings
+
+log = logging.getLogger("attention_server")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting, drain within the grace period, exit."""
+    from .grpc_api.server import create_server
+
+    server, port = create_server(settings)
+    await server.start()
+    # Tests and scripts read the bound port from this line (port 0 picks one).
+    print(f"attention-server listening on {settings.host}:{port}", flush=True)
+    log.info("serving models %s (default %s)", server.engine.repository.names(), settings.default_model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: NOT_SERVING, draining for up to %.1f s", settings.grace_period)
+    await server.stop()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        asyncio.run(serve(settings))
+    except Exception as exc:
+        from .errors import ModelLoadError
+
+        if isinstance(exc, ModelLoadError | OSError):
+            log.error("cannot start: %s", exc)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Domain errors. Each carries a transport-neutral status code; the gRPC layer
+maps the code to a gRPC status in one place (grpc_api/errors.py)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to its callers on purpose."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """The request is wrong; the message names the field and the limit."""
+
+    code = Code.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class ModelNotFound(ServiceError):
+    code = Code.NOT_FOUND
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        super().__init__(f"model {name!r} not found; available: {', '.join(sorted(available)) or 'none'}")
+        self.name = name
+
+
+class ResourceExhausted(ServiceError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = Code.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = Code.DEADLINE_EXCEEDED
+
+
+class ModelLoadError(Exception):
+    """A model folder in the repository cannot be loaded (start-up failure)."""

@@ -1,0 +1,1 @@
+"""gRPC transport: server assembly, servicers, protobuf conversion and status mapping."""

@@ -1,0 +1,84 @@
+"""Assembles the gRPC server: attention.v1, health and reflection on one port."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from attention_client._proto.attention.v1 import attention_pb2 as pb
+from attention_client._proto.attention.v1 import attention_pb2_grpc as pb_grpc
+
+from ..runtime.engine import Engine, Limits
+from ..runtime.repository import ModelRepository
+from ..settings import MiB, Settings
+from .servicer import AttentionServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
+
+
+class AttentionServer:
+    """A bound (not yet started) server with its engine and health status."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.health = health.aio.HealthServicer()
+        self.grpc = grpc.aio.server(
+            options=[
+                # Room for the largest unary response plus framing.
+                ("grpc.max_send_message_length", settings.max_response_bytes + MiB),
+                ("grpc.max_receive_message_length", settings.max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_AttentionServiceServicer_to_server(AttentionServicer(engine), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.grpc,
+        )
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (load balancers stop sending), then drain, then close."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.settings.grace_period if grace is None else grace)
+        self.engine.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+def build_engine(settings: Settings) -> Engine:
+    repository = ModelRepository.load(
+        settings.model_repository,
+        settings.models,
+        settings.default_model,
+        intra_op_threads=settings.intra_op_threads,
+        verify_checksums=settings.verify_checksums,
+    )
+    limits = Limits(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_response_bytes=settings.max_response_bytes,
+    )
+    return Engine(repository, limits)
+
+
+def create_server(settings: Settings, engine: Engine | None = None) -> tuple[AttentionServer, int]:
+    """Load the models and bind the port (0 picks a free one); returns the server
+    and the port it is bound to. Call `await server.start()` from the event loop."""
+    server = AttentionServer(settings, engine or build_engine(settings))
+    port = server.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    return server, port

@@ -1,0 +1,2 @@
+"""Model runtime: repository, tokenizer, ONNX Runtime sessions, analysis and the
+engine that ties them together. Nothing here imports grpc."""

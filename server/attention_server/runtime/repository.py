@@ -1,0 +1,129 @@
+"""The model repository: one folder per model with model.json, the ONNX graph
+and the tokenizer. Loads what the settings ask for and hands models out by name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError, ModelNotFound
+from .onnx_model import OnnxModel
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What model.json says about an exported model (written by attention-export)."""
+
+    name: str
+    source: str
+    architecture: str
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    max_positions: int
+    vocab_size: int
+    special_tokens: dict[str, dict[str, Any]]
+    pad_token_id: int
+    continuing_subword_prefix: str
+    inputs: list[str]
+    outputs: list[str]
+    opset: int
+    onnx_file: str
+    tokenizer_file: str
+    sha256: str
+    type_vocab_size: int = 2
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelMetadata:
+        try:
+            raw = json.loads(path.read_text())
+            fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+            return cls(**fields)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(f"{path}: unreadable model metadata: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    metadata: ModelMetadata
+    tokenizer: TextTokenizer
+    runtime: OnnxModel
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = True) -> LoadedModel:
+    """Load one model folder; raises ModelLoadError with the reason."""
+    metadata = ModelMetadata.from_file(folder / METADATA_FILE)
+    onnx_path = folder / metadata.onnx_file
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"{onnx_path}: missing ONNX file")
+    if verify_checksum and _sha256(onnx_path) != metadata.sha256:
+        raise ModelLoadError(f"{onnx_path}: sha256 does not match {METADATA_FILE}; re-export the model")
+    tokenizer = TextTokenizer(folder / metadata.tokenizer_file, metadata)
+    runtime = OnnxModel(onnx_path, metadata.inputs, metadata.outputs, intra_op_threads=intra_op_threads)
+    log.info("loaded model %s (%d layers x %d heads) from %s", metadata.name, metadata.num_layers,
+             metadata.num_heads, folder)
+    return LoadedModel(metadata, tokenizer, runtime, folder)
+
+
+class ModelRepository:
+    """Models loaded at start, by name."""
+
+    def __init__(self, models: dict[str, LoadedModel], default_model: str) -> None:
+        self._models = models
+        self.default_model = default_model
+
+    @classmethod
+    def load(cls, root: Path, names: list[str], default_model: str, intra_op_threads: int = 0,
+             verify_checksums: bool = True) -> ModelRepository:
+        if not root.is_dir():
+            raise ModelLoadError(f"model repository {root} does not exist; export a model first (make model)")
+        folders = sorted(p for p in root.iterdir() if (p / METADATA_FILE).is_file())
+        available = {p.name: p for p in folders}
+        wanted = names or list(available)
+        missing = [n for n in wanted if n not in available]
+        if missing:
+            raise ModelLoadError(f"models {missing} not in {root} (found: {sorted(available)})")
+        models = {}
+        for name in wanted:
+            model = load_model(available[name], intra_op_threads, verify_checksums)
+            models[model.name] = model
+        if not models:
+            raise ModelLoadError(f"no models in {root}; export one first (make model)")
+        if default_model not in models:
+            raise ModelLoadError(f"default model {default_model!r} is not loaded (loaded: {sorted(models)})")
+        return cls(models, default_model)
+
+    def get(self, name: str) -> LoadedModel:
+        """The model called `name` ('' for the default); raises ModelNotFound."""
+        model = self._models.get(name or self.default_model)
+        if model is None:
+            raise ModelNotFound(name, list(self._models))
+        return model
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._models[n] for n in self.names())

@@ -1,0 +1,73 @@
+"""Plain data passed between the transport layer and the runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FLOAT32 = "float32"
+FLOAT16 = "float16"
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """One sequence as the caller gave it: text (optionally a pair) or token ids."""
+
+    text: str | None = None
+    text_pair: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    type_ids: tuple[int, ...] | None = None
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    layers: tuple[int, ...] = ()
+    heads: tuple[int, ...] = ()
+    attention_dtype: str = FLOAT32
+    attention: bool = True
+    hidden_states: bool = True
+    top_k: int | None = None
+    min_strength: float = 0.0
+    exclude_special_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The tokens of one sequence, as parallel arrays (one entry per token)."""
+
+    ids: np.ndarray  # int64 [n]
+    type_ids: np.ndarray  # int64 [n]
+    texts: list[str]
+    starts: np.ndarray  # int32 [n], -1 without a span
+    ends: np.ndarray  # int32 [n]
+    word_index: np.ndarray  # int32 [n], -1 for special tokens
+    special: np.ndarray  # bool [n]
+    segment: np.ndarray  # int32 [n]
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class HeadPairs:
+    """Strongest (from, to) pairs of one head, strongest first."""
+
+    layer: int
+    head: int
+    from_index: np.ndarray  # int32 [k]
+    to_index: np.ndarray  # int32 [k]
+    strength: np.ndarray  # float32 [k]
+
+
+@dataclass
+class SequenceOutput:
+    index: int
+    id: str
+    tokens: Tokens
+    layers: list[int]
+    heads: list[int]
+    attention: np.ndarray | None = None  # [layers, heads, n, n], C-contiguous
+    hidden_states: np.ndarray | None = None  # [n, hidden] float32
+    pairs: list[HeadPairs] = field(default_factory=list)

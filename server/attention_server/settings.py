@@ -1,0 +1,49 @@
+"""Server settings: one class, read from ATTENTION_* environment variables and
+from `attention-server` flags (flags win)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ATTENTION_",
+        cli_prog_name="attention-server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        use_attribute_docstrings=True,
+        extra="ignore",
+    )
+
+    host: str = "[::]"
+    """Address to bind."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port (attention.v1, health, reflection). 0 picks a free port."""
+    model_repository: Path = Path("models/repository")
+    """Folder with one sub-folder per exported model (model.json, model.onnx, tokenizer.json)."""
+    models: list[str] = []
+    """Models to load from the repository; empty loads every model folder found."""
+    default_model: str = "minilm-l6"
+    """Model used when a request names none."""
+    max_batch_size: int = Field(64, ge=1)
+    """Most sequences one request may carry (unary or streaming)."""
+    max_batch_tokens: int = Field(16384, ge=512)
+    """Most padded tokens (sequences x longest) in one runtime batch."""
+    max_response_bytes: int = Field(256 * MiB, ge=MiB, le=1900 * MiB)
+    """Largest unary response; bigger results must use AnalyzeStream or ask for less."""
+    max_request_bytes: int = Field(16 * MiB, ge=MiB)
+    """Largest request message the server accepts."""
+    intra_op_threads: int = Field(0, ge=0)
+    """ONNX Runtime threads per model run; 0 = one per core."""
+    verify_checksums: bool = True
+    """Check each model's sha256 against model.json when loading."""
+    grace_period: float = Field(10.0, ge=0)
+    """Seconds in-flight calls get to finish after SIGTERM."""
+    log_level: str = "INFO"
+    """Python logging level."""
