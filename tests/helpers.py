@@ -1,0 +1,83 @@
+"""Real servers for tests: in-process on its own event-loop thread, or as a
+subprocess of the real `attention-server` command. Both bind port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from attention_server.grpc_api.server import AttentionServer, create_server
+from attention_server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+REPOSITORY = ROOT / "models" / "repository"
+MODEL_DIR = REPOSITORY / "minilm-l6"
+
+
+class ServerThread:
+    """A real grpc.aio server running on a background thread's event loop."""
+
+    def __init__(self, **settings: object) -> None:
+        self.settings = Settings(host="127.0.0.1", port=0, model_repository=REPOSITORY, **settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self.server: AttentionServer | None = None
+        self.port = 0
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.server, self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(60)
+        return self
+
+    async def _start(self) -> tuple[AttentionServer, int]:
+        server, port = create_server(self.settings)
+        await server.start()
+        return server, port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+class ServerProcess:
+    """`python -m attention_server --port 0`; reads the bound port from its stdout."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--model-repository", str(REPOSITORY), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def __enter__(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "attention_server", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on .*:(\d+)$", line.strip())
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.port = int(match.group(1))
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
