@@ -49,7 +49,7 @@ def test_every_row_sums_to_one(batch):
 
 def test_pairs_are_the_strongest_cells_of_each_head(batch):
     for result in batch:
-        assert [(hp.layer, hp.head) for hp in result.pairs] == [(l, h) for l in range(6) for h in range(12)]
+        assert [(hp.layer, hp.head) for hp in result.pairs] == [(layer, h) for layer in range(6) for h in range(12)]
         for hp in result.pairs:
             matrix = result.attention[hp.layer, hp.head]
             strengths = [p.strength for p in hp.pairs]
@@ -94,7 +94,7 @@ def test_sentence_pairs_use_segments(client):
     assert [t.id for t in result.tokens] == ids
     segments = [t.segment for t in result.tokens]
     assert segments[0] == 0 and segments[-1] == 1 and set(segments) == {0, 1}
-    hidden, attention = reference(ids, segments)
+    _, attention = reference(ids, segments)
     np.testing.assert_allclose(result.attention, attention, atol=TOL, rtol=0)
 
 

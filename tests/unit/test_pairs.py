@@ -18,7 +18,8 @@ def test_strongest_pairs_first_with_indices():
 def test_ties_break_by_from_then_to_index():
     head = np.full((2, 2), 0.5, dtype=np.float32)
     [pairs] = top_pairs(head[None, None], [0], [0], k=4)
-    assert list(zip(pairs.from_index.tolist(), pairs.to_index.tolist(), strict=True)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    cells = list(zip(pairs.from_index.tolist(), pairs.to_index.tolist(), strict=True))
+    assert cells == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def test_k_larger_than_matrix_returns_every_cell():

@@ -1,0 +1,87 @@
+"""The real commands as users run them: the server process and its shutdown,
+and the client SDK installed alone in a fresh environment."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import grpc
+import pytest
+
+from attention_client import AttentionClient, AttentionError
+from tests.helpers import ROOT, ServerProcess
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_calls_then_exits_cleanly():
+    texts = ["word " * 400] * 6
+    with ServerProcess("--max-batch-tokens", "512", "--grace-period", "30") as proc, \
+            AttentionClient(proc.target, timeout=120) as client:
+        stream = client.analyze_stream(texts, top_k=1)
+        first = next(stream)  # the call is in flight; more results are still being computed
+        proc.proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert [r.index for r in [first, *rest]] == list(range(6))
+        assert proc.proc.wait(60) == 0
+        err = proc.proc.stderr.read()
+        assert "shutting down" in err and "stopped" in err
+        with pytest.raises(AttentionError) as refused:
+            client.analyze("after shutdown", timeout=5)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_server_refuses_to_start_without_the_model(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "attention_server", "--port", "0", "--model-repository",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "no models in" in done.stderr and "make model" in done.stderr
+
+
+def test_unary_and_concurrent_callers_share_one_process():
+    with ServerProcess() as proc, AttentionClient(proc.target, timeout=120) as client:
+        results, errors = [], []
+
+        def call(i):
+            try:
+                results.append(client.analyze(f"caller {i} asks about heads", top_k=1))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and len(results) == 8
+
+
+@pytest.mark.slow
+def test_client_sdk_installs_and_works_without_server_dependencies(tmp_path, server):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "-c", str(ROOT / "requirements" / "constraints.txt"),
+         str(ROOT / "client")], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr
+    script = textwrap.dedent(f"""
+        import importlib.util, json
+        from importlib.metadata import distributions
+        for heavy in ("onnxruntime", "torch", "transformers", "tokenizers", "attention_server", "grpc_tools"):
+            assert importlib.util.find_spec(heavy) is None, heavy
+        from attention_client import AttentionClient
+        with AttentionClient("{server.target}", timeout=60) as c:
+            r = c.analyze("The cat sat.", top_k=1)
+        names = sorted(d.metadata["Name"].lower() for d in distributions())
+        print(json.dumps({{"shape": list(r.attention.shape), "packages": names}}))
+    """)
+    done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    out = json.loads(done.stdout)
+    assert out["shape"] == [6, 12, 6, 6]
+    assert set(out["packages"]) <= {"attention-client", "grpcio", "protobuf", "numpy", "pip", "setuptools",
+                                    "typing_extensions", "typing-extensions"}
