@@ -39,8 +39,10 @@ proto: $(STAMP) ## regenerate the committed stubs from proto/
 proto-check: $(STAMP) ## fail when the committed stubs are stale
 	$(BIN)/python tools/gen_proto.py --check
 
-lint: $(STAMP)
+lint: $(STAMP) ## ruff, hadolint, compose spec
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 lock: $(STAMP) ## re-pin every installed version into requirements/constraints.txt
 	( echo "# Exact versions of everything the dev environment installs (pip -c). Regenerate with"; \
