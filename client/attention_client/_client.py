@@ -22,7 +22,20 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class AttentionClient:
+class _CallDefaults:
+    """timeout and metadata set on the client, overridable per call."""
+
+    timeout: float | None
+    metadata: tuple[tuple[str, str], ...]
+
+    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "metadata": self.metadata if metadata is None else tuple(metadata),
+        }
+
+
+class AttentionClient(_CallDefaults):
     """Client for attention.v1.AttentionService.
 
     `timeout` (seconds) and `metadata` set here apply to every call unless a call
@@ -46,12 +59,6 @@ class AttentionClient:
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = tuple(metadata or ())
-
-    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self.metadata if metadata is None else tuple(metadata),
-        }
 
     def analyze(
         self,

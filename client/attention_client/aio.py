@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from ._client import CHANNEL_OPTIONS, Metadata
+from ._client import CHANNEL_OPTIONS, Metadata, _CallDefaults
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 from ._request import SequenceLike, build_request
@@ -15,7 +15,7 @@ from .errors import AttentionError
 from .results import AnalyzeResult, ModelInfo
 
 
-class AsyncAttentionClient:
+class AsyncAttentionClient(_CallDefaults):
     """asyncio twin of AttentionClient (grpc.aio). Use `async with`, or await close()."""
 
     def __init__(
@@ -35,12 +35,6 @@ class AsyncAttentionClient:
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = tuple(metadata or ())
-
-    def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
-        return {
-            "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self.metadata if metadata is None else tuple(metadata),
-        }
 
     async def analyze(
         self,

@@ -15,7 +15,6 @@ batched with padding, and fails above --tolerance max abs difference.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import logging
@@ -41,14 +40,6 @@ VERIFY_SENTENCES = [
 ]
 # Position embeddings of these architectures start after the padding index.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load(source: Path) -> tuple[Any, Any]:
@@ -128,6 +119,8 @@ def export(source: Path, repository: Path, name: str, origin: str, tolerance: fl
     import torch
     import transformers
     from tokenizers import Tokenizer
+
+    from .runtime.repository import sha256_file
 
     started = time.perf_counter()
     config, model = _load(source)

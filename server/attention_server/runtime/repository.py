@@ -64,7 +64,8 @@ class LoadedModel:
         return self.metadata.name
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -78,7 +79,7 @@ def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = 
     onnx_path = folder / metadata.onnx_file
     if not onnx_path.is_file():
         raise ModelLoadError(f"{onnx_path}: missing ONNX file")
-    if verify_checksum and _sha256(onnx_path) != metadata.sha256:
+    if verify_checksum and sha256_file(onnx_path) != metadata.sha256:
         raise ModelLoadError(f"{onnx_path}: sha256 does not match {METADATA_FILE}; re-export the model")
     tokenizer = TextTokenizer(folder / metadata.tokenizer_file, metadata)
     runtime = OnnxModel(onnx_path, metadata.inputs, metadata.outputs, intra_op_threads=intra_op_threads)
