@@ -32,9 +32,15 @@ class Settings(BaseSettings):
     default_model: str = "minilm-l6"
     """Model used when a request names none."""
     max_batch_size: int = Field(64, ge=1)
-    """Most sequences one request may carry (unary or streaming)."""
-    max_batch_tokens: int = Field(16384, ge=512)
-    """Most padded tokens (sequences x longest) in one runtime batch."""
+    """Most sequences one request may carry (unary or streaming), and one runtime batch."""
+    max_batch_tokens: int = Field(4096, ge=1)
+    """Most padded tokens (sequences x longest) in one runtime batch (a longer lone sequence runs alone)."""
+    max_batch_attention_mib: int = Field(256, ge=1)
+    """Most MiB of float32 attention one runtime batch may produce."""
+    max_queue_delay_ms: float = Field(0.0, ge=0)
+    """How long a sequence may wait for others to batch with when the runtime is idle."""
+    max_queue_tokens: int = Field(65536, ge=1)
+    """Most tokens waiting for the runtime; beyond it calls get RESOURCE_EXHAUSTED at once."""
     max_response_bytes: int = Field(256 * MiB, ge=MiB, le=1900 * MiB)
     """Largest unary response; bigger results must use AnalyzeStream or ask for less."""
     max_request_bytes: int = Field(16 * MiB, ge=MiB)

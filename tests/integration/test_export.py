@@ -25,7 +25,7 @@ def test_exported_metadata_records_the_checks():
     meta = json.loads((MODEL_DIR / "model.json").read_text())
     assert meta["verification"]["max_abs_diff_attention"] <= 1e-4
     assert meta["verification"]["max_abs_diff_hidden"] <= 1e-4
-    assert meta["outputs"] == ["last_hidden_state", "attentions"]
+    assert meta["outputs"] == ["last_hidden_state", "attentions", "attentions_fp16"]
     assert (meta["num_layers"], meta["num_heads"], meta["max_positions"]) == (6, 12, 512)
     tokenizer = json.loads((MODEL_DIR / "tokenizer.json").read_text())
     assert tokenizer["truncation"] is None and tokenizer["padding"] is None

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from attention_client._proto.attention.v1 import attention_pb2 as pb
-from attention_client.tensors import to_tensor
+from attention_client.tensors import dtype_code
 
 from ..errors import InvalidArgument
 from ..runtime.engine import Limits
 from ..runtime.repository import ModelMetadata
 from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput
 
+SEQUENCE_RESULT_ATTENTION = pb.SequenceResult.DESCRIPTOR.fields_by_name["attention"].number
+SEQUENCE_RESULT_HIDDEN = pb.SequenceResult.DESCRIPTOR.fields_by_name["hidden_states"].number
+ANALYZE_RESPONSE_RESULTS = pb.AnalyzeResponse.DESCRIPTOR.fields_by_name["results"].number
 _ATTENTION_DTYPES = {pb.DATA_TYPE_UNSPECIFIED: FLOAT32, pb.DATA_TYPE_FLOAT32: FLOAT32, pb.DATA_TYPE_FLOAT16: FLOAT16}
 
 
@@ -44,7 +49,47 @@ def options_from_pb(options: pb.AnalyzeOptions) -> AnalyzeOptions:
     )
 
 
-def result_to_pb(out: SequenceOutput) -> pb.SequenceResult:
+# -- responses as wire bytes ------------------------------------------------------------
+# Results are encoded straight to protobuf wire format in the post-processing
+# thread: the small fields through protobuf, the tensors' bytes appended as
+# length-delimited fields (protobuf allows fields in any order). An attention
+# array is copied once, into the response, instead of into a Tensor message and
+# again by SerializeToString.
+
+Parts = list[bytes | memoryview]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _len_key(field: int, length: int) -> bytes:
+    """Key of a length-delimited field (wire type 2) and the payload length."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+def _tensor_parts(field: int, array: np.ndarray) -> Parts:
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    head = pb.Tensor(dtype=dtype_code(array.dtype), shape=array.shape).SerializeToString()
+    data_key = _len_key(3, array.nbytes)
+    size = len(head) + len(data_key) + array.nbytes
+    return [_len_key(field, size) + head + data_key, array.reshape(-1).view(np.uint8).data]
+
+
+def _parts_size(parts: Parts) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+
+def result_parts(out: SequenceOutput) -> Parts:
+    """A SequenceResult's wire encoding as a list of buffers (join to get the message)."""
     msg = pb.SequenceResult(index=out.index, id=out.id, layers=out.layers, heads=out.heads)
     t = out.tokens
     msg.tokens.extend(
@@ -54,10 +99,6 @@ def result_to_pb(out: SequenceOutput) -> pb.SequenceResult:
             t.special.tolist(), t.segment.tolist(), strict=True,
         )
     )
-    if out.attention is not None:
-        to_tensor(out.attention, msg.attention)
-    if out.hidden_states is not None:
-        to_tensor(out.hidden_states, msg.hidden_states)
     for head in out.pairs:
         entry = msg.pairs.add()
         entry.head.layer = head.layer
@@ -66,7 +107,30 @@ def result_to_pb(out: SequenceOutput) -> pb.SequenceResult:
             pb.PairStrength(from_index=f, to_index=t_, strength=s)
             for f, t_, s in zip(head.from_index.tolist(), head.to_index.tolist(), head.strength.tolist(), strict=True)
         )
-    return msg
+    parts: Parts = [msg.SerializeToString()]
+    if out.attention is not None:
+        parts += _tensor_parts(SEQUENCE_RESULT_ATTENTION, out.attention)
+    if out.hidden_states is not None:
+        parts += _tensor_parts(SEQUENCE_RESULT_HIDDEN, out.hidden_states)
+    return parts
+
+
+def encode_result(out: SequenceOutput) -> bytes:
+    """One SequenceResult message (a streamed response)."""
+    return b"".join(result_parts(out))
+
+
+def analyze_response_parts(model: str, results: list[Parts]) -> Parts:
+    """AnalyzeResponse{model, results} from already-encoded results."""
+    parts: Parts = [pb.AnalyzeResponse(model=model).SerializeToString()]
+    for result in results:
+        parts.append(_len_key(ANALYZE_RESPONSE_RESULTS, _parts_size(result)))
+        parts.extend(result)
+    return parts
+
+
+def parts_size(parts: Parts) -> int:
+    return _parts_size(parts)
 
 
 def model_info_to_pb(meta: ModelMetadata, limits: Limits) -> pb.ModelInfo:

@@ -8,17 +8,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from attention_client._proto.attention.v1 import attention_pb2 as pb
-from attention_client._proto.attention.v1 import attention_pb2_grpc as pb_grpc
-
+from ..runtime.batcher import BatchConfig
 from ..runtime.engine import Engine, Limits
 from ..runtime.repository import ModelRepository
 from ..settings import MiB, Settings
-from .servicer import AttentionServicer
+from .servicer import SERVICE_NAME, AttentionServicer
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
 
 
 class AttentionServer:
@@ -36,7 +32,7 @@ class AttentionServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_AttentionServiceServicer_to_server(AttentionServicer(engine), self.grpc)
+        self.grpc.add_generic_rpc_handlers((AttentionServicer(engine).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -51,8 +47,9 @@ class AttentionServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (load balancers stop sending), then drain, then close."""
         await self.health.enter_graceful_shutdown()
+        self.engine.stop_accepting()
         await self.grpc.stop(self.settings.grace_period if grace is None else grace)
-        self.engine.close()
+        await self.engine.close()
 
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()
@@ -71,7 +68,14 @@ def build_engine(settings: Settings) -> Engine:
         max_batch_tokens=settings.max_batch_tokens,
         max_response_bytes=settings.max_response_bytes,
     )
-    return Engine(repository, limits)
+    batching = BatchConfig(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_attention_bytes=settings.max_batch_attention_mib * MiB,
+        max_queue_delay=settings.max_queue_delay_ms / 1000,
+        max_queue_tokens=settings.max_queue_tokens,
+    )
+    return Engine(repository, limits, batching)
 
 
 def create_server(settings: Settings, engine: Engine | None = None) -> tuple[AttentionServer, int]:

@@ -1,41 +1,53 @@
-"""attention.v1.AttentionService: thin handlers over the engine."""
+"""attention.v1.AttentionService: thin handlers over the engine.
+
+Analyze and AnalyzeStream return wire bytes encoded in the engine's
+post-processing thread (see converters); server.py registers them with an
+identity serializer.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from attention_client._proto.attention.v1 import attention_pb2 as pb
-from attention_client._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, Plan
 from . import converters
 from .errors import stream, unary
 
+# Below this a unary response is joined on the event loop; above, in a thread.
+INLINE_JOIN_BYTES = 1 << 20
 
-class AttentionServicer(pb_grpc.AttentionServiceServicer):
+
+class AttentionServicer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _plan(self, request: pb.AnalyzeRequest):  # type: ignore[no-untyped-def]
+    def _plan(self, request: pb.AnalyzeRequest) -> Plan:
         return self.engine.plan(
             request.model, converters.sequences_from_pb(request), converters.options_from_pb(request.options)
         )
 
     @unary
-    async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
+    async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> bytes:
         plan = self._plan(request)
-        outputs = await self.engine.analyze(plan)
-        return pb.AnalyzeResponse(model=plan.model.name, results=[converters.result_to_pb(o) for o in outputs])
+        results = await self.engine.analyze(plan, context.time_remaining(), finish=converters.result_parts)
+        parts = converters.analyze_response_parts(plan.model.name, results)
+        if converters.parts_size(parts) <= INLINE_JOIN_BYTES:
+            return b"".join(parts)
+        return await asyncio.to_thread(b"".join, parts)
 
     @stream
     async def AnalyzeStream(
         self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.SequenceResult]:
+    ) -> AsyncIterator[bytes]:
         plan = self._plan(request)
-        async for out in self.engine.analyze_stream(plan):
-            yield converters.result_to_pb(out)
+        async for message in self.engine.analyze_stream(plan, context.time_remaining(),
+                                                        finish=converters.encode_result):
+            yield message
 
     @unary
     async def ListModels(
@@ -51,3 +63,23 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         model = self.engine.repository.get(request.name)
         return converters.model_info_to_pb(model.metadata, self.engine.limits)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method table; Analyze* responses are pre-encoded bytes."""
+        identity = bytes
+        methods = {
+            "Analyze": grpc.unary_unary_rpc_method_handler(
+                self.Analyze, request_deserializer=pb.AnalyzeRequest.FromString, response_serializer=identity),
+            "AnalyzeStream": grpc.unary_stream_rpc_method_handler(
+                self.AnalyzeStream, request_deserializer=pb.AnalyzeRequest.FromString, response_serializer=identity),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
+                response_serializer=pb.ListModelsResponse.SerializeToString),
+            "GetModel": grpc.unary_unary_rpc_method_handler(
+                self.GetModel, request_deserializer=pb.GetModelRequest.FromString,
+                response_serializer=pb.ModelInfo.SerializeToString),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name

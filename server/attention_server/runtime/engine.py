@@ -1,5 +1,6 @@
-"""The engine: validates and tokenizes requests, plans runtime batches, runs the
-model off the event loop and cuts every result back to its own sequence.
+"""The engine: validates and tokenizes requests and hands their sequences to the
+model's dynamic batcher, which runs them off the event loop and cuts every
+result back to its own sequence.
 
 Transport-neutral: the gRPC layer hands it SequenceInput/AnalyzeOptions and
 gets SequenceOutput back; errors are domain errors (errors.py).
@@ -10,22 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from ..errors import InvalidArgument, ResourceExhausted
-from .onnx_model import pad_batch
-from .pairs import top_pairs
+from ..errors import InvalidArgument, ResourceExhausted, Unavailable
+from .batcher import BatchConfig, Batcher
 from .repository import LoadedModel, ModelRepository
 from .types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput, Tokens
 
 log = logging.getLogger(__name__)
-
-HIDDEN = "last_hidden_state"
-ATTENTIONS = "attentions"
+T = TypeVar("T")
 # Rough protobuf cost of one Token (fields, tags, short text) and one PairStrength.
 TOKEN_BYTES = 40
 PAIR_BYTES = 16
@@ -48,7 +46,6 @@ class Plan:
     options: AnalyzeOptions
     layers: list[int]
     heads: list[int]
-    outputs: list[str]
 
     def sequence_bytes(self, index: int) -> int:
         """Upper estimate of one sequence's serialized result size."""
@@ -78,21 +75,22 @@ def _check_indices(field: str, values: Sequence[int], limit: int, what: str, mod
 
 
 class Engine:
-    """Runs analysis requests against the models of a repository."""
+    """Runs analysis requests against the models of a repository, one dynamic
+    batcher per model."""
 
-    def __init__(self, repository: ModelRepository, limits: Limits) -> None:
+    def __init__(self, repository: ModelRepository, limits: Limits, batch_config: BatchConfig | None = None) -> None:
         self.repository = repository
         self.limits = limits
-        # One worker: ONNX Runtime already uses every core for one run.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.batch_config = batch_config or BatchConfig(max_batch_size=limits.max_batch_size)
+        self._batchers: dict[str, Batcher] = {}
+        self._accepting = True
 
     # -- validation ---------------------------------------------------------------
 
     def plan(self, model_name: str, inputs: list[SequenceInput], options: AnalyzeOptions) -> Plan:
         """Validate a request and tokenize it; raises InvalidArgument / ModelNotFound."""
+        if not self._accepting:
+            raise Unavailable("server is shutting down; retry on another instance")
         model = self.repository.get(model_name)
         meta = model.metadata
         if not inputs:
@@ -111,12 +109,7 @@ class Engine:
         if not (0.0 <= options.min_strength <= 1.0) or math.isnan(options.min_strength):
             raise InvalidArgument("options.min_strength", f"must be within [0, 1], got {options.min_strength}")
         tokens = [self._tokenize(model, i, seq) for i, seq in enumerate(inputs)]
-        outputs = []
-        if options.hidden_states:
-            outputs.append(HIDDEN)
-        if options.attention or options.top_k is not None:
-            outputs.append(ATTENTIONS)
-        return Plan(model, inputs, tokens, options, layers, heads, outputs)
+        return Plan(model, inputs, tokens, options, layers, heads)
 
     def _tokenize(self, model: LoadedModel, i: int, seq: SequenceInput) -> Tokens:
         meta = model.metadata
@@ -158,88 +151,54 @@ class Engine:
 
     # -- execution ------------------------------------------------------------------
 
-    def _batches(self, plan: Plan, by_length: bool) -> list[list[int]]:
-        """Sequence indices grouped into runtime batches of at most max_batch_tokens
-        padded tokens; sorted by length first (less padding) unless results must
-        flow in request order."""
-        order = list(range(len(plan.tokens)))
-        if by_length:
-            order.sort(key=lambda i: len(plan.tokens[i]))
-        batches: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for i in order:
-            n = len(plan.tokens[i])
-            if current and (len(current) + 1) * max(longest, n) > self.limits.max_batch_tokens:
-                batches.append(current)
-                current, longest = [], 0
-            current.append(i)
-            longest = max(longest, n)
-        if current:
-            batches.append(current)
-        return batches
+    def batcher(self, model: LoadedModel) -> Batcher:
+        batcher = self._batchers.get(model.name)
+        if batcher is None:
+            batcher = self._batchers[model.name] = Batcher(model, self.batch_config)
+        return batcher
 
-    def _compute(self, plan: Plan, indices: list[int]) -> list[SequenceOutput]:
-        """Run one runtime batch and cut it per sequence (runs in the worker thread)."""
-        tokens = [plan.tokens[i] for i in indices]
-        values = {}
-        if plan.outputs:
-            feed = pad_batch(tokens, plan.model.metadata.pad_token_id)
-            values = plan.model.runtime.run(feed, plan.outputs)
-        return [self._cut(plan, row, i, values) for row, i in enumerate(indices)]
-
-    def _cut(self, plan: Plan, row: int, index: int, values: dict[str, np.ndarray]) -> SequenceOutput:
-        options, tokens = plan.options, plan.tokens[index]
-        n = len(tokens)
-        out = SequenceOutput(index=index, id=plan.inputs[index].id, tokens=tokens,
-                             layers=plan.layers, heads=plan.heads)
-        if HIDDEN in values:
-            out.hidden_states = np.ascontiguousarray(values[HIDDEN][row, :n])
-        if ATTENTIONS in values:
-            meta = plan.model.metadata
-            att = values[ATTENTIONS][row, :, :, :n, :n]
-            if plan.layers != list(range(meta.num_layers)):
-                att = att[plan.layers]
-            if plan.heads != list(range(meta.num_heads)):
-                att = att[:, plan.heads]
-            if options.attention:
-                dtype = np.float16 if options.attention_dtype == FLOAT16 else np.float32
-                out.attention = np.ascontiguousarray(att, dtype=dtype)
-            if options.top_k is not None:
-                exclude = tokens.special if options.exclude_special_tokens else None
-                out.pairs = top_pairs(att, plan.layers, plan.heads, options.top_k, options.min_strength, exclude)
-        return out
-
-    async def analyze(self, plan: Plan) -> list[SequenceOutput]:
-        """All results of a plan, in request order, for one unary response."""
-        total = sum(plan.sequence_bytes(i) for i in range(len(plan.tokens)))
-        if total > self.limits.max_response_bytes:
+    def _check_size(self, plan: Plan, streaming: bool) -> None:
+        sizes = [plan.sequence_bytes(i) for i in range(len(plan.tokens))]
+        size = max(sizes) if streaming else sum(sizes)
+        limit = self.limits.max_response_bytes
+        if size > limit:
+            what = "one result" if streaming else "response"
+            advice = "" if streaming else "use AnalyzeStream, "
             raise ResourceExhausted(
-                f"response would be about {total / 2**20:.1f} MiB, over the "
-                f"{self.limits.max_response_bytes / 2**20:.0f} MiB limit "
-                "(max_response_bytes); use AnalyzeStream, FLOAT16, fewer layers/heads, or top_k only"
+                f"{what} would be about {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit "
+                f"(max_response_bytes); {advice}ask for FLOAT16, fewer layers/heads, or top_k only"
             )
-        results: list[SequenceOutput | None] = [None] * len(plan.tokens)
-        loop = asyncio.get_running_loop()
-        for indices in self._batches(plan, by_length=True):
-            for out in await loop.run_in_executor(self._executor, self._compute, plan, indices):
-                results[out.index] = out
-        return [r for r in results if r is not None]
 
-    async def analyze_stream(self, plan: Plan) -> AsyncIterator[SequenceOutput]:
-        """Results one by one in request order, each as soon as it and all before it are ready."""
-        biggest = max(plan.sequence_bytes(i) for i in range(len(plan.tokens)))
-        if biggest > self.limits.max_response_bytes:
-            raise ResourceExhausted(
-                f"one result would be about {biggest / 2**20:.1f} MiB, over the "
-                f"{self.limits.max_response_bytes / 2**20:.0f} MiB message limit (max_response_bytes)"
-            )
-        ready: dict[int, SequenceOutput] = {}
-        next_index = 0
-        loop = asyncio.get_running_loop()
-        for indices in self._batches(plan, by_length=False):
-            for out in await loop.run_in_executor(self._executor, self._compute, plan, indices):
-                ready[out.index] = out
-            while next_index in ready:
-                yield ready.pop(next_index)
-                next_index += 1
+    async def analyze(self, plan: Plan, timeout: float | None = None,
+                      finish: Callable[[SequenceOutput], T] | None = None) -> list[T]:
+        """Every result of a plan in request order (after `finish`, which runs in
+        the post-processing thread). `timeout` bounds the time spent queued."""
+        self._check_size(plan, streaming=False)
+        batcher = self.batcher(plan.model)
+        jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
+        try:
+            return list(await asyncio.gather(*(j.future for j in jobs)))
+        finally:
+            batcher.discard(jobs)
+
+    async def analyze_stream(self, plan: Plan, timeout: float | None = None,
+                             finish: Callable[[SequenceOutput], T] | None = None) -> AsyncIterator[T]:
+        """Results one by one in request order, each as soon as it and those before it are ready."""
+        self._check_size(plan, streaming=True)
+        batcher = self.batcher(plan.model)
+        jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
+        try:
+            for job in jobs:
+                yield await job.future
+        finally:
+            batcher.discard(jobs)
+
+    def stop_accepting(self) -> None:
+        """Refuse new work (shutdown); queued work still completes."""
+        self._accepting = False
+        for batcher in self._batchers.values():
+            batcher.stop_accepting()
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()

@@ -1,0 +1,310 @@
+"""Dynamic batching: sequences of concurrent requests are merged into runtime
+batches of one model, grouped by length, within size, token and memory limits.
+
+Pipeline: the event loop only queues and forms batches; ONNX Runtime runs in one
+compute thread (it already uses every core); cutting, pair extraction and the
+caller's `finish` (e.g. wire encoding) run in a post-processing thread, so the
+next batch computes while the previous one is being cut and encoded.
+
+Backpressure: the queue is bounded by tokens; a submission that does not fit is
+refused at once (ResourceExhausted). A sequence whose deadline passes while it
+waits, or whose call is cancelled, leaves the queue and never reaches the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from .onnx_model import pad_batch
+from .results import cut, outputs_for
+
+if TYPE_CHECKING:
+    from .engine import Plan
+    from .repository import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# A batch may waste at most this share of padded tokens (plus a small allowance:
+# for short sequences a run's fixed cost outweighs the padding).
+PADDING_WASTE = 0.5
+PADDING_ALLOWANCE = 128
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch_size: int = 64
+    """Most sequences in one runtime batch."""
+    max_batch_tokens: int = 4096
+    """Most padded tokens (sequences x longest) in one runtime batch."""
+    max_batch_attention_bytes: int = 256 << 20
+    """Most bytes of float32 attention one runtime batch may produce."""
+    max_queue_delay: float = 0.0
+    """Seconds a lone sequence may wait for company when the runtime is idle."""
+    max_queue_tokens: int = 65536
+    """Most tokens waiting in the queue; beyond it new work is refused."""
+
+
+@dataclass
+class BatcherStats:
+    """Counters since start (also exported as metrics)."""
+
+    batches: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence of one call, waiting for its result."""
+
+    plan: Plan
+    index: int
+    length: int
+    future: asyncio.Future[Any]
+    deadline: float | None  # time.monotonic()
+    finish: Callable[[Any], Any] | None
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+class Batcher:
+    def __init__(self, model: LoadedModel, config: BatchConfig) -> None:
+        self.model = model
+        self.config = config
+        self.stats = BatcherStats()
+        self._queue: list[Job] = []
+        self._queued_tokens = 0
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{model.name}")
+        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"post-{model.name}")
+        self._post_slots = asyncio.Semaphore(2)  # batches cut/encoded at once, bounds memory
+        self._wakeup = asyncio.Event()
+        self._accepting = True
+        self._task: asyncio.Task[None] | None = None
+        cells = model.metadata.num_layers * model.metadata.num_heads * 4
+        self._attention_bytes_per_cell = cells
+
+    # -- API used by the engine ---------------------------------------------------------
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, plan: Plan, indices: list[int], timeout: float | None,
+               finish: Callable[[Any], Any] | None = None) -> list[Job]:
+        """Queue sequences of one call; raises Unavailable when shutting down and
+        ResourceExhausted when the queue has no room."""
+        if not self._accepting:
+            raise Unavailable("server is shutting down; retry on another instance")
+        tokens = sum(len(plan.tokens[i]) for i in indices)
+        limit = self.config.max_queue_tokens
+        if self._queued_tokens + tokens > limit:
+            self.stats.rejected += 1
+            raise ResourceExhausted(
+                f"queue full: {self._queued_tokens} tokens waiting + {tokens} requested exceed max_queue_tokens="
+                f"{limit}; retry with backoff" if tokens <= limit else
+                f"request has {tokens} tokens, more than the whole queue holds (max_queue_tokens={limit}); "
+                "split it or use AnalyzeStream with fewer sequences"
+            )
+        self._ensure_running()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        jobs = [Job(plan, i, len(plan.tokens[i]), loop.create_future(), deadline, finish) for i in indices]
+        self._queue.extend(jobs)
+        self._queued_tokens += tokens
+        self._wakeup.set()
+        return jobs
+
+    def discard(self, jobs: list[Job]) -> None:
+        """The call is gone (cancelled or failed): drop its sequences still queued."""
+        gone = {id(j) for j in jobs if not j.future.done()}
+        if not gone:
+            return
+        for job in jobs:
+            job.cancelled = True
+        kept = []
+        for job in self._queue:
+            if id(job) in gone:
+                self._queued_tokens -= job.length
+                self.stats.cancelled += 1
+            else:
+                kept.append(job)
+        self._queue = kept
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def close(self) -> None:
+        """Fail what is still queued and stop the threads."""
+        self._accepting = False
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(Unavailable("server stopped before this sequence was computed"))
+        self._queue.clear()
+        self._queued_tokens = 0
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._compute.shutdown(wait=True, cancel_futures=True)
+        self._post.shutdown(wait=True, cancel_futures=True)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.model.name}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("batcher %s: unexpected error", self.model.name)
+
+    async def _step(self) -> None:
+        """Form one batch, run it, and hand it to post-processing."""
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self.config.max_queue_delay > 0 and not self._full():
+            wait = self._queue[0].enqueued + self.config.max_queue_delay - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        self._expire()
+        batch = self._take() if self._queue else []
+        if not batch:
+            return
+        try:
+            values = await loop.run_in_executor(self._compute, self._run_model, batch)
+        except Exception as exc:
+            log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        # At most two batches in post-processing: bounds memory when encoding lags.
+        await self._post_slots.acquire()
+        post = loop.run_in_executor(self._post, self._cut_batch, batch, values, loop)
+        post.add_done_callback(lambda _f: self._post_slots.release())
+
+    def _full(self) -> bool:
+        return len(self._queue) >= self.config.max_batch_size or self._queued_tokens >= self.config.max_batch_tokens
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        kept = []
+        for job in self._queue:
+            if job.deadline is not None and now >= job.deadline:
+                self._queued_tokens -= job.length
+                self.stats.expired += 1
+                if not job.future.done():
+                    job.future.set_exception(DeadlineExceeded(
+                        f"deadline passed after {1000 * (now - job.enqueued):.0f} ms in the queue; not computed"))
+            else:
+                kept.append(job)
+        self._queue = kept
+
+    def _fits(self, count: int, longest: int, real: int) -> bool:
+        c = self.config
+        padded = count * longest
+        return (
+            count <= c.max_batch_size
+            and (padded <= c.max_batch_tokens or count == 1)
+            and (count * longest * longest * self._attention_bytes_per_cell <= c.max_batch_attention_bytes
+                 or count == 1)
+            and padded <= real * (1 + PADDING_WASTE) + PADDING_ALLOWANCE
+        )
+
+    def _take(self) -> list[Job]:
+        """The oldest job plus the queued jobs closest to it in length, while the
+        batch stays within the limits; removed from the queue."""
+        order = sorted(range(len(self._queue)), key=lambda i: self._queue[i].length)
+        lengths = [self._queue[i].length for i in order]
+        pos = order.index(0)  # the oldest job always goes
+        lo = hi = pos
+        real = lengths[pos]
+        while True:
+            grown = False
+            # try the neighbour whose length is closer to the oldest job's first
+            options = []
+            if lo > 0:
+                options.append((abs(lengths[lo - 1] - lengths[pos]), "lo"))
+            if hi < len(order) - 1:
+                options.append((abs(lengths[hi + 1] - lengths[pos]), "hi"))
+            for _, side in sorted(options):
+                new_lo, new_hi = (lo - 1, hi) if side == "lo" else (lo, hi + 1)
+                added = lengths[new_lo] if side == "lo" else lengths[new_hi]
+                if self._fits(new_hi - new_lo + 1, lengths[new_hi], real + added):
+                    lo, hi, real, grown = new_lo, new_hi, real + added, True
+                    break
+            if not grown:
+                break
+        chosen = set(order[lo:hi + 1])
+        batch = [self._queue[i] for i in sorted(chosen)]
+        self._queue = [job for i, job in enumerate(self._queue) if i not in chosen]
+        self._queued_tokens -= real
+        return batch
+
+    # -- worker threads -------------------------------------------------------------------
+
+    def _run_model(self, batch: list[Job]) -> dict[str, np.ndarray]:
+        outputs: set[str] = set()
+        for job in batch:
+            outputs |= outputs_for(job.plan)
+        tokens = [job.plan.tokens[job.index] for job in batch]
+        feed = pad_batch(tokens, self.model.metadata.pad_token_id)
+        self.stats.batches += 1
+        self.stats.sequences += len(batch)
+        self.stats.tokens += sum(len(t) for t in tokens)
+        self.stats.padded_tokens += int(feed["input_ids"].size)
+        self.stats.batch_sizes.append(len(batch))
+        if len(self.stats.batch_sizes) > 10000:
+            del self.stats.batch_sizes[:5000]
+        if not outputs:
+            return {}
+        return self.model.runtime.run(feed, sorted(outputs))
+
+    def _cut_batch(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> None:
+        for row, job in enumerate(batch):
+            if job.cancelled:
+                continue
+            try:
+                result: Any = cut(job.plan, job.index, row, values)
+                if job.finish is not None:
+                    result = job.finish(result)
+            except Exception as exc:  # noqa: BLE001 - delivered to the caller
+                loop.call_soon_threadsafe(_settle, job.future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, job.future, result, None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
