@@ -133,15 +133,16 @@ class Batcher:
         return jobs
 
     def discard(self, jobs: list[Job]) -> None:
-        """The call is gone (cancelled or failed): drop its sequences still queued."""
-        gone = {id(j) for j in jobs if not j.future.done()}
-        if not gone:
-            return
+        """The call is over (done, failed or cancelled): drop its sequences that are
+        still queued, and let post-processing skip the ones in flight."""
         for job in jobs:
             job.cancelled = True
+        ids = {id(j) for j in jobs}
+        if not any(id(j) in ids for j in self._queue):
+            return
         kept = []
         for job in self._queue:
-            if id(job) in gone:
+            if id(job) in ids:
                 self._queued_tokens -= job.length
                 self.stats.cancelled += 1
             else:

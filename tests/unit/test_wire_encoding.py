@@ -1,0 +1,55 @@
+"""Responses encoded straight to wire bytes parse as the messages they claim to be."""
+
+import numpy as np
+
+from attention_client._proto.attention.v1 import attention_pb2 as pb
+from attention_client.tensors import from_tensor
+from attention_server.grpc_api import converters
+from attention_server.runtime.types import HeadPairs, SequenceOutput, Tokens
+
+
+def _output(index: int, n: int, dtype=np.float32, hidden=True) -> SequenceOutput:
+    rng = np.random.default_rng(index)
+    tokens = Tokens(
+        ids=np.arange(n, dtype=np.int64) + 100, type_ids=np.zeros(n, np.int64), texts=[f"t{i}" for i in range(n)],
+        starts=np.arange(n, dtype=np.int32), ends=np.arange(n, dtype=np.int32) + 1,
+        word_index=np.arange(n, dtype=np.int32), special=np.zeros(n, bool), segment=np.zeros(n, np.int32),
+    )
+    return SequenceOutput(
+        index=index, id=f"seq-{index}", tokens=tokens, layers=[0, 3], heads=[1, 2, 5],
+        attention=rng.random((2, 3, n, n)).astype(dtype),
+        hidden_states=rng.random((n, 8)).astype(np.float32) if hidden else None,
+        pairs=[HeadPairs(3, 5, np.array([1, 0], np.int32), np.array([0, 1], np.int32),
+                         np.array([0.75, 0.5], np.float32))],
+    )
+
+
+def test_encoded_result_parses_with_every_field():
+    out = _output(2, 200)  # > 127 tokens: multi-byte varint lengths
+    msg = pb.SequenceResult.FromString(converters.encode_result(out))
+    assert (msg.index, msg.id, list(msg.layers), list(msg.heads)) == (2, "seq-2", [0, 3], [1, 2, 5])
+    assert [t.text for t in msg.tokens] == out.tokens.texts
+    assert msg.tokens[7].start == 7 and msg.tokens[7].end == 8
+    np.testing.assert_array_equal(from_tensor(msg.attention), out.attention)
+    np.testing.assert_array_equal(from_tensor(msg.hidden_states), out.hidden_states)
+    assert msg.pairs[0].head.layer == 3 and msg.pairs[0].head.index == 5
+    assert [(p.from_index, p.to_index, p.strength) for p in msg.pairs[0].pairs] == [(1, 0, 0.75), (0, 1, 0.5)]
+
+
+def test_unary_response_joins_encoded_results():
+    outs = [_output(0, 3, np.float16, hidden=False), _output(1, 130)]
+    parts = converters.analyze_response_parts("m", [converters.result_parts(o) for o in outs])
+    raw = b"".join(parts)
+    assert converters.parts_size(parts) == len(raw)
+    msg = pb.AnalyzeResponse.FromString(raw)
+    assert msg.model == "m" and [r.index for r in msg.results] == [0, 1]
+    assert from_tensor(msg.results[0].attention).dtype == np.float16
+    assert not msg.results[0].HasField("hidden_states")
+    np.testing.assert_array_equal(from_tensor(msg.results[1].attention), outs[1].attention)
+
+
+def test_non_contiguous_and_big_endian_arrays_are_encoded_correctly():
+    out = _output(0, 4)
+    out.attention = np.asfortranarray(out.attention).astype(">f4")
+    msg = pb.SequenceResult.FromString(converters.encode_result(out))
+    np.testing.assert_array_equal(from_tensor(msg.attention), out.attention.astype("<f4"))
