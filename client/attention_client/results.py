@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,32 +49,40 @@ class Head:
 @dataclass(frozen=True)
 class AnalyzeResult:
     """One sequence's result. `attention` is [len(layers), len(heads), seq, seq]
-    (row i: where token i attends), `hidden_states` is [seq, hidden]."""
+    (row i: where token i attends), `hidden_states` is [seq, hidden]. `tokens`
+    and `pairs` are built from the message on first use."""
 
     index: int
     id: str
-    tokens: list[Token]
     layers: list[int]
     heads: list[int]
     attention: np.ndarray | None
     hidden_states: np.ndarray | None
-    pairs: list[HeadPairs]
+    _msg: pb.SequenceResult = field(repr=False, compare=False)
 
     @classmethod
     def from_pb(cls, msg: pb.SequenceResult) -> AnalyzeResult:
         return cls(
             index=msg.index,
             id=msg.id,
-            tokens=[Token(t.id, t.text, t.start, t.end, t.word_index, t.special, t.segment) for t in msg.tokens],
             layers=list(msg.layers),
             heads=list(msg.heads),
             attention=from_tensor(msg.attention) if msg.HasField("attention") else None,
             hidden_states=from_tensor(msg.hidden_states) if msg.HasField("hidden_states") else None,
-            pairs=[
-                HeadPairs(hp.head.layer, hp.head.index, [Pair(p.from_index, p.to_index, p.strength) for p in hp.pairs])
-                for hp in msg.pairs
-            ],
+            _msg=msg,
         )
+
+    @functools.cached_property
+    def tokens(self) -> list[Token]:
+        return [Token(t.id, t.text, t.start, t.end, t.word_index, t.special, t.segment) for t in self._msg.tokens]
+
+    @functools.cached_property
+    def pairs(self) -> list[HeadPairs]:
+        """Per selected head, layer-major: its strongest pairs, strongest first."""
+        return [
+            HeadPairs(hp.head.layer, hp.head.index, [Pair(p.from_index, p.to_index, p.strength) for p in hp.pairs])
+            for hp in self._msg.pairs
+        ]
 
     @property
     def token_texts(self) -> list[str]:

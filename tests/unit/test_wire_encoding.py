@@ -5,7 +5,8 @@ import numpy as np
 from attention_client._proto.attention.v1 import attention_pb2 as pb
 from attention_client.tensors import from_tensor
 from attention_server.grpc_api import converters
-from attention_server.runtime.types import HeadPairs, SequenceOutput, Tokens
+from attention_server.runtime.pairs import top_pairs
+from attention_server.runtime.types import SequenceOutput, Tokens
 
 
 def _output(index: int, n: int, dtype=np.float32, hidden=True) -> SequenceOutput:
@@ -19,8 +20,7 @@ def _output(index: int, n: int, dtype=np.float32, hidden=True) -> SequenceOutput
         index=index, id=f"seq-{index}", tokens=tokens, layers=[0, 3], heads=[1, 2, 5],
         attention=rng.random((2, 3, n, n)).astype(dtype),
         hidden_states=rng.random((n, 8)).astype(np.float32) if hidden else None,
-        pairs=[HeadPairs(3, 5, np.array([1, 0], np.int32), np.array([0, 1], np.int32),
-                         np.array([0.75, 0.5], np.float32))],
+        pairs=top_pairs(rng.random((2, 3, n, n)).astype(np.float32), [0, 3], [1, 2, 5], k=3, min_strength=0.5),
     )
 
 
@@ -32,8 +32,12 @@ def test_encoded_result_parses_with_every_field():
     assert msg.tokens[7].start == 7 and msg.tokens[7].end == 8
     np.testing.assert_array_equal(from_tensor(msg.attention), out.attention)
     np.testing.assert_array_equal(from_tensor(msg.hidden_states), out.hidden_states)
-    assert msg.pairs[0].head.layer == 3 and msg.pairs[0].head.index == 5
-    assert [(p.from_index, p.to_index, p.strength) for p in msg.pairs[0].pairs] == [(1, 0, 0.75), (0, 1, 0.5)]
+    assert [(hp.head.layer, hp.head.index) for hp in msg.pairs] == [(0, 1), (0, 2), (0, 5), (3, 1), (3, 2), (3, 5)]
+    for row, hp in enumerate(msg.pairs):
+        expected = out.pairs.head_pairs(row)
+        assert [(p.from_index, p.to_index) for p in hp.pairs] == [(f, t) for f, t, _ in expected]
+        np.testing.assert_array_equal([p.strength for p in hp.pairs], np.float32([s for _, _, s in expected]))
+    assert any(p.from_index >= 128 for hp in msg.pairs for p in hp.pairs)  # two-byte varints were exercised
 
 
 def test_unary_response_joins_encoded_results():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,14 +51,22 @@ class Tokens:
 
 
 @dataclass(frozen=True)
-class HeadPairs:
-    """Strongest (from, to) pairs of one head, strongest first."""
+class PairTable:
+    """Strongest (from, to) pairs of every selected head, strongest first.
+    Row r is head (layers[r], heads[r]); its first counts[r] entries are valid."""
 
-    layer: int
-    head: int
-    from_index: np.ndarray  # int32 [k]
-    to_index: np.ndarray  # int32 [k]
-    strength: np.ndarray  # float32 [k]
+    layers: np.ndarray  # int32 [rows]
+    heads: np.ndarray  # int32 [rows]
+    from_index: np.ndarray  # int32 [rows, k]
+    to_index: np.ndarray  # int32 [rows, k]
+    strength: np.ndarray  # float32 [rows, k]
+    counts: np.ndarray  # int32 [rows]
+
+    def head_pairs(self, row: int) -> list[tuple[int, int, float]]:
+        """(from, to, strength) of one row, for reading and tests."""
+        n = int(self.counts[row])
+        return list(zip(self.from_index[row, :n].tolist(), self.to_index[row, :n].tolist(),
+                        self.strength[row, :n].tolist(), strict=True))
 
 
 @dataclass
@@ -70,4 +78,4 @@ class SequenceOutput:
     heads: list[int]
     attention: np.ndarray | None = None  # [layers, heads, n, n], C-contiguous
     hidden_states: np.ndarray | None = None  # [n, hidden] float32
-    pairs: list[HeadPairs] = field(default_factory=list)
+    pairs: PairTable | None = None

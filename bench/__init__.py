@@ -1,0 +1,1 @@
+"""`make bench`: the service against in-process ONNX Runtime and HF transformers."""
