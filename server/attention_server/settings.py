@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(16 * MiB, ge=MiB)
     """Largest request message the server accepts."""
     intra_op_threads: int = Field(0, ge=0)
-    """ONNX Runtime threads per model run; 0 = one per core."""
+    """ONNX Runtime threads of the wide session (a lone batch on an idle server); 0 = one per core."""
+    instances: int = Field(0, ge=0)
+    """Single-threaded runs side by side under load; 0 = one per core, 1 = only the wide session."""
     verify_checksums: bool = True
     """Check each model's sha256 against model.json when loading."""
     grace_period: float = Field(10.0, ge=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -62,6 +63,7 @@ def build_engine(settings: Settings) -> Engine:
         settings.default_model,
         intra_op_threads=settings.intra_op_threads,
         verify_checksums=settings.verify_checksums,
+        instances=settings.instances or len(os.sched_getaffinity(0)),
     )
     limits = Limits(
         max_batch_size=settings.max_batch_size,

@@ -1,10 +1,11 @@
 """Dynamic batching: sequences of concurrent requests are merged into runtime
 batches of one model, grouped by length, within size, token and memory limits.
 
-Pipeline: the event loop only queues and forms batches; ONNX Runtime runs in one
-compute thread (it already uses every core); cutting, pair extraction and the
-caller's `finish` (e.g. wire encoding) run in a post-processing thread, so the
-next batch computes while the previous one is being cut and encoded.
+Pipeline: the event loop only queues and forms batches; ONNX Runtime runs in
+compute threads (see `_step` for which session); cutting, pair extraction and
+the caller's `finish` (e.g. wire encoding) run in the compute thread for small
+batches and in a post-processing thread for large ones, so the next batch
+computes while the previous one is being cut and encoded.
 
 Backpressure: the queue is bounded by tokens; a submission that does not fit is
 refused at once (ResourceExhausted). A sequence whose deadline passes while it
@@ -14,6 +15,7 @@ waits, or whose call is cancelled, leaves the queue and never reaches the runtim
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Batches whose float32 attention is smaller than this are cut in the compute thread.
+INLINE_POST_BYTES = 4 << 20
 # A batch may waste at most this share of padded tokens (plus a small allowance:
 # for short sequences a run's fixed cost outweighs the padding).
 PADDING_WASTE = 0.5
@@ -88,9 +92,11 @@ class Batcher:
         self.stats = BatcherStats()
         self._queue: list[Job] = []
         self._queued_tokens = 0
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnx-{model.name}")
+        self._instances = model.runtime.instances
+        self._compute = ThreadPoolExecutor(max_workers=self._instances, thread_name_prefix=f"onnx-{model.name}")
         self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"post-{model.name}")
-        self._post_slots = asyncio.Semaphore(2)  # batches cut/encoded at once, bounds memory
+        self._narrow_running = 0
+        self._wide_running = False
         self._wakeup = asyncio.Event()
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
@@ -184,13 +190,23 @@ class Batcher:
             except Exception:
                 log.exception("batcher %s: unexpected error", self.model.name)
 
+    def _slot_free(self) -> bool:
+        return not self._wide_running and self._narrow_running < self._instances
+
     async def _step(self) -> None:
-        """Form one batch, run it, and hand it to post-processing."""
+        """Form one batch and start it on a free compute slot.
+
+        A lone batch on an idle runtime runs on the wide session (every core, the
+        lowest latency); under load, batches run side by side on single-threaded
+        instances, one per core, which keeps throughput when other processes
+        take CPU (a preempted thread then stalls only its own run).
+        """
         loop = asyncio.get_running_loop()
-        while not self._queue:
+        while not (self._queue and self._slot_free()):
             self._wakeup.clear()
             await self._wakeup.wait()
-        if self.config.max_queue_delay > 0 and not self._full():
+        idle = self._narrow_running == 0
+        if idle and self.config.max_queue_delay > 0 and not self._full():
             wait = self._queue[0].enqueued + self.config.max_queue_delay - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -198,18 +214,33 @@ class Batcher:
         batch = self._take() if self._queue else []
         if not batch:
             return
-        try:
-            values = await loop.run_in_executor(self._compute, self._run_model, batch)
-        except Exception as exc:
-            log.exception("model %s failed on a batch of %d", self.model.name, len(batch))
+        wide = self._instances == 1 or (idle and not self._queue)
+        if wide:
+            self._wide_running = True
+        else:
+            self._narrow_running += 1
+        small = sum(j.length * j.length for j in batch) * self._attention_bytes_per_cell <= INLINE_POST_BYTES
+        run = loop.run_in_executor(self._compute, self._run_model, batch, small, wide, loop)
+        run.add_done_callback(functools.partial(self._ran, batch, small, wide, loop))
+
+    def _ran(self, batch: list[Job], small: bool, wide: bool, loop: asyncio.AbstractEventLoop,
+             run: asyncio.Future[dict[str, np.ndarray]]) -> None:
+        """A run ended (event loop thread): free its slot, hand the batch on."""
+        if wide:
+            self._wide_running = False
+        else:
+            self._narrow_running -= 1
+        self._wakeup.set()
+        if run.cancelled():
+            return
+        exc = run.exception()
+        if exc is not None:
+            log.error("model %s failed on a batch of %d", self.model.name, len(batch), exc_info=exc)
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
-            return
-        # At most two batches in post-processing: bounds memory when encoding lags.
-        await self._post_slots.acquire()
-        post = loop.run_in_executor(self._post, self._cut_batch, batch, values, loop)
-        post.add_done_callback(lambda _f: self._post_slots.release())
+        elif not small:  # small batches were cut and delivered by the compute thread
+            self._post.submit(self._cut_batch, batch, run.result(), loop)
 
     def _full(self) -> bool:
         return len(self._queue) >= self.config.max_batch_size or self._queued_tokens >= self.config.max_batch_tokens
@@ -271,7 +302,10 @@ class Batcher:
 
     # -- worker threads -------------------------------------------------------------------
 
-    def _run_model(self, batch: list[Job]) -> dict[str, np.ndarray]:
+    def _run_model(self, batch: list[Job], cut_here: bool, wide: bool,
+                   loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
+        """Pad and run one batch (compute thread); small batches are also cut here,
+        where a hop to the post-processing thread would cost more than the cut."""
         outputs: set[str] = set()
         for job in batch:
             outputs |= outputs_for(job.plan)
@@ -284,9 +318,10 @@ class Batcher:
         self.stats.batch_sizes.append(len(batch))
         if len(self.stats.batch_sizes) > 10000:
             del self.stats.batch_sizes[:5000]
-        if not outputs:
-            return {}
-        return self.model.runtime.run(feed, sorted(outputs))
+        values = self.model.runtime.run(feed, sorted(outputs), wide=wide) if outputs else {}
+        if cut_here:
+            self._cut_batch(batch, values, loop)
+        return values
 
     def _cut_batch(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> None:
         for row, job in enumerate(batch):

@@ -27,23 +27,36 @@ def pad_batch(sequences: list[Tokens], pad_id: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxModel:
     """A loaded ONNX graph with outputs last_hidden_state [b, s, hidden] and
-    attentions [b, layers, heads, s, s]."""
+    attentions [b, layers, heads, s, s].
 
-    def __init__(self, path: Path, inputs: list[str], outputs: list[str], intra_op_threads: int = 0) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    Two sessions over the same graph: a wide one (intra_op_threads, default every
+    core) for a lone batch on an idle server, and, when instances > 1, a
+    single-threaded one that `instances` batches run on side by side under load.
+    """
+
+    def __init__(self, path: Path, inputs: list[str], outputs: list[str], intra_op_threads: int = 0,
+                 instances: int = 1) -> None:
+        self.session = _session(path, intra_op_threads)
+        self.narrow = _session(path, 1) if instances > 1 else None
+        self.instances = max(1, instances)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if set(self.input_names) != set(inputs) or not set(outputs) <= set(self.output_names):
             raise ValueError(f"{path}: graph inputs {self.input_names} / outputs {self.output_names} "
                              f"do not match model.json ({inputs} / {outputs})")
 
-    def run(self, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray], outputs: list[str], wide: bool = True) -> dict[str, np.ndarray]:
         """Run the graph; `feed` may hold more inputs than the graph takes."""
-        values = self.session.run(outputs, {name: feed[name] for name in self.input_names})
+        session = self.session if wide or self.narrow is None else self.narrow
+        values = session.run(outputs, {name: feed[name] for name in self.input_names})
         return dict(zip(outputs, values, strict=True))

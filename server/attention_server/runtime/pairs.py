@@ -1,9 +1,10 @@
 """Pair strengths: the strongest (from token, to token) entries of each head.
 
-Vectorized over all heads at once. For long sequences only candidates are
-sorted: the k-th largest row maximum of a head is a lower bound of its k-th
-largest entry (k rows each hold an entry at least that large), so entries below
-it can never be in the top k.
+Vectorized over all heads at once, and only candidates are sorted: for k up to
+n, the k-th largest row maximum of a head is a lower bound of its k-th largest
+entry (k rows each hold an entry at least that large), so entries below it can
+never be in the top k (the same argument with each row's m-th largest entry
+covers k > n).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ def top_pairs(
         empty = np.zeros((rows, 0), dtype=np.int32)
         return PairTable(layer_of, head_of, empty, empty.copy(), empty.astype(np.float32),
                          np.zeros(rows, dtype=np.int32))
-    if kk <= size and size * size > 256:
-        row_max = att.max(axis=2)  # [rows, size]
-        bound = np.partition(row_max, size - kk, axis=1)[:, size - kk]
-        h, f, t = np.nonzero(att >= bound[:, None, None])
-    else:
-        h, f, t = np.nonzero(np.ones(att.shape, dtype=bool))
+    # Lower bound of each head's kk-th largest entry: with m = ceil(kk / size),
+    # `need` rows whose m-th largest entry is >= bound hold >= kk entries >= bound.
+    m = -(-kk // size)
+    need = -(-kk // m)
+    row_value = att.max(axis=2) if m == 1 else np.partition(att, size - m, axis=2)[:, :, size - m]
+    bound = np.partition(row_value, size - need, axis=1)[:, size - need]
+    h, f, t = np.nonzero(att >= bound[:, None, None])
     values = att[h, f, t].astype(np.float32, copy=False)
     flat = f.astype(np.int64) * size + t
     order = np.lexsort((flat, -values, h))

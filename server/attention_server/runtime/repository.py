@@ -73,7 +73,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = True) -> LoadedModel:
+def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = True,
+               instances: int = 1) -> LoadedModel:
     """Load one model folder; raises ModelLoadError with the reason."""
     metadata = ModelMetadata.from_file(folder / METADATA_FILE)
     onnx_path = folder / metadata.onnx_file
@@ -82,7 +83,8 @@ def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = 
     if verify_checksum and sha256_file(onnx_path) != metadata.sha256:
         raise ModelLoadError(f"{onnx_path}: sha256 does not match {METADATA_FILE}; re-export the model")
     tokenizer = TextTokenizer(folder / metadata.tokenizer_file, metadata)
-    runtime = OnnxModel(onnx_path, metadata.inputs, metadata.outputs, intra_op_threads=intra_op_threads)
+    runtime = OnnxModel(onnx_path, metadata.inputs, metadata.outputs, intra_op_threads=intra_op_threads,
+                        instances=instances)
     log.info("loaded model %s (%d layers x %d heads) from %s", metadata.name, metadata.num_layers,
              metadata.num_heads, folder)
     return LoadedModel(metadata, tokenizer, runtime, folder)
@@ -97,7 +99,7 @@ class ModelRepository:
 
     @classmethod
     def load(cls, root: Path, names: list[str], default_model: str, intra_op_threads: int = 0,
-             verify_checksums: bool = True) -> ModelRepository:
+             verify_checksums: bool = True, instances: int = 1) -> ModelRepository:
         if not root.is_dir():
             raise ModelLoadError(f"model repository {root} does not exist; export a model first (make model)")
         folders = sorted(p for p in root.iterdir() if (p / METADATA_FILE).is_file())
@@ -108,7 +110,7 @@ class ModelRepository:
             raise ModelLoadError(f"models {missing} not in {root} (found: {sorted(available)})")
         models = {}
         for name in wanted:
-            model = load_model(available[name], intra_op_threads, verify_checksums)
+            model = load_model(available[name], intra_op_threads, verify_checksums, instances)
             models[model.name] = model
         if not models:
             raise ModelLoadError(f"no models in {root}; export one first (make model)")
