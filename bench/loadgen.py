@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from attention_client import AsyncAttentionClient
+from attention_client import AsyncAttentionClient, tune_malloc
 from bench.workloads import WORKLOADS
 
 
@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     args = parser.parse_args()
+    if not args.default_malloc:
+        tune_malloc()
     print(json.dumps(asyncio.run(run(args.target, args.workload, args.concurrency, args.duration, args.warmup))))
 
 

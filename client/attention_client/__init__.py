@@ -11,6 +11,7 @@ states and pair strengths of a transformer, over gRPC.
 from ._client import AttentionClient
 from .aio import AsyncAttentionClient
 from .errors import AttentionError
+from .memory import tune_malloc
 from .results import AnalyzeResult, Head, HeadPairs, ModelInfo, Pair, Token
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "ModelInfo",
     "Pair",
     "Token",
+    "tune_malloc",
 ]
 __version__ = "0.1.0"

@@ -14,8 +14,12 @@ log = logging.getLogger("attention_server")
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then stop accepting, drain within the grace period, exit."""
+    from attention_client.memory import tune_malloc
+
     from .grpc_api.server import create_server
 
+    if settings.tune_malloc and not tune_malloc():
+        log.info("allocator settings not applied (not glibc)")
     server, port = create_server(settings)
     await server.start()
     # Tests and scripts read the bound port from this line (port 0 picks one).

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     """ONNX Runtime threads of the wide session (a lone batch on an idle server); 0 = one per core."""
     instances: int = Field(0, ge=0)
     """Single-threaded runs side by side under load; 0 = one per core, 1 = only the wide session."""
+    tune_malloc: bool = True
+    """Raise glibc's mmap/trim thresholds so multi-MB responses reuse heap memory (see attention_client.memory)."""
     verify_checksums: bool = True
     """Check each model's sha256 against model.json when loading."""
     grace_period: float = Field(10.0, ge=0)
