@@ -57,3 +57,13 @@ def test_non_contiguous_and_big_endian_arrays_are_encoded_correctly():
     out.attention = np.asfortranarray(out.attention).astype(">f4")
     msg = pb.SequenceResult.FromString(converters.encode_result(out))
     np.testing.assert_array_equal(from_tensor(msg.attention), out.attention.astype("<f4"))
+
+
+def test_vectorized_pair_encoding_equals_the_protobuf_encoding():
+    rng = np.random.default_rng(3)
+    for n, k, layers, heads in [(5, 3, [0], [0]), (300, 7, [0, 2], [0, 5, 200]), (20, 400, [130], [1])]:
+        att = rng.random((len(layers), len(heads), n, n)).astype(np.float32)
+        table = top_pairs(att, layers, heads, k=k, min_strength=0.3)
+        fast = pb.SequenceResult.FromString(converters._pair_table_bytes(table))
+        slow = pb.SequenceResult.FromString(converters._pair_table_pb(table))
+        assert fast == slow and len(fast.pairs) == len(layers) * len(heads)
