@@ -62,6 +62,7 @@ class BatcherStats:
     """Counters since start (also exported as metrics)."""
 
     batches: int = 0
+    wide_batches: int = 0
     sequences: int = 0
     tokens: int = 0
     padded_tokens: int = 0
@@ -211,10 +212,12 @@ class Batcher:
             if wait > 0:
                 await asyncio.sleep(wait)
         self._expire()
-        batch = self._take() if self._queue else []
-        if not batch:
+        if not self._queue:
             return
-        wide = self._instances == 1 or (idle and not self._queue)
+        wide = self._instances == 1 or (idle and len(self._queue) == 1)
+        # Under load, spread what is queued over the idle instances.
+        share = len(self._queue) if wide or not idle else -(-len(self._queue) // self._instances)
+        batch = self._take(max_count=share)
         if wide:
             self._wide_running = True
         else:
@@ -259,18 +262,18 @@ class Batcher:
                 kept.append(job)
         self._queue = kept
 
-    def _fits(self, count: int, longest: int, real: int) -> bool:
+    def _fits(self, count: int, longest: int, real: int, max_count: int | None = None) -> bool:
         c = self.config
         padded = count * longest
         return (
-            count <= c.max_batch_size
+            count <= min(c.max_batch_size, max_count or c.max_batch_size)
             and (padded <= c.max_batch_tokens or count == 1)
             and (count * longest * longest * self._attention_bytes_per_cell <= c.max_batch_attention_bytes
                  or count == 1)
             and padded <= real * (1 + PADDING_WASTE) + PADDING_ALLOWANCE
         )
 
-    def _take(self) -> list[Job]:
+    def _take(self, max_count: int | None = None) -> list[Job]:
         """The oldest job plus the queued jobs closest to it in length, while the
         batch stays within the limits; removed from the queue."""
         order = sorted(range(len(self._queue)), key=lambda i: self._queue[i].length)
@@ -289,7 +292,7 @@ class Batcher:
             for _, side in sorted(options):
                 new_lo, new_hi = (lo - 1, hi) if side == "lo" else (lo, hi + 1)
                 added = lengths[new_lo] if side == "lo" else lengths[new_hi]
-                if self._fits(new_hi - new_lo + 1, lengths[new_hi], real + added):
+                if self._fits(new_hi - new_lo + 1, lengths[new_hi], real + added, max_count):
                     lo, hi, real, grown = new_lo, new_hi, real + added, True
                     break
             if not grown:
@@ -312,6 +315,7 @@ class Batcher:
         tokens = [job.plan.tokens[job.index] for job in batch]
         feed = pad_batch(tokens, self.model.metadata.pad_token_id)
         self.stats.batches += 1
+        self.stats.wide_batches += wide
         self.stats.sequences += len(batch)
         self.stats.tokens += sum(len(t) for t in tokens)
         self.stats.padded_tokens += int(feed["input_ids"].size)
