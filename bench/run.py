@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.baselines import HfBaseline, OrtBaseline, tokenize
@@ -71,6 +72,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64])
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence length / batch size sweeps")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json/.md/.png")
     args = parser.parse_args()
     started = time.perf_counter()
     out: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "service": {},
@@ -127,16 +129,16 @@ def main() -> int:
     out["rss_kib"]["ort_in_process"] = json.loads(ref.stdout)
     out["ratios"] = ratios(out)
     out["seconds"] = time.perf_counter() - started
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
     report = markdown(out)
-    (RESULTS / "latest.md").write_text(report + "\n")
+    (args.out / "latest.md").write_text(report + "\n")
     print(report)
     try:
         from bench.plot import plot
 
-        plot(out, RESULTS / "latest.png")
-        log(f"wrote {RESULTS / 'latest.png'}")
+        plot(out, args.out / "latest.png")
+        log(f"wrote {args.out / 'latest.png'}")
     except ImportError as exc:
         log(f"no plot ({exc}); install requirements/bench.txt")
     log(f"done in {out['seconds']:.0f} s")

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     """Most sequences one request may carry (unary or streaming), and one runtime batch."""
     max_batch_tokens: int = Field(4096, ge=1)
     """Most padded tokens (sequences x longest) in one runtime batch (a longer lone sequence runs alone)."""
-    max_batch_attention_mib: int = Field(256, ge=1)
+    max_batch_attention_mib: int = Field(64, ge=1)
     """Most MiB of float32 attention one runtime batch may produce."""
     max_queue_delay_ms: float = Field(0.0, ge=0)
     """How long a sequence may wait for others to batch with when the runtime is idle."""

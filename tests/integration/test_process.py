@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import grpc
 import pytest
@@ -30,6 +31,31 @@ def test_sigterm_drains_in_flight_calls_then_exits_cleanly():
         with pytest.raises(AttentionError) as refused:
             client.analyze("after shutdown", timeout=5)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_queued_calls_and_refuses_new_ones():
+    texts = ["word " * 300] * 3
+    with ServerProcess("--grace-period", "60", "--max-batch-tokens", "400", "--instances", "1") as proc:
+        with AttentionClient(proc.target, timeout=120) as client:
+            client.analyze("warm up")
+            results, errors = [], []
+
+            def call(i):
+                try:
+                    results.append(client.analyze(texts, top_k=1, attention=False, ids=[f"{i}-{k}" for k in range(3)]))
+                except AttentionError as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)  # 12 sequences of 302 tokens, one per runtime batch: most are still queued
+            proc.proc.send_signal(signal.SIGTERM)
+            for t in threads:
+                t.join(120)
+        assert not errors and len(results) == 4 and all(len(r) == 3 for r in results)
+        assert proc.proc.wait(60) == 0
 
 
 def test_server_refuses_to_start_without_the_model(tmp_path):

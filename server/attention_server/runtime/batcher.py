@@ -49,7 +49,7 @@ class BatchConfig:
     """Most sequences in one runtime batch."""
     max_batch_tokens: int = 4096
     """Most padded tokens (sequences x longest) in one runtime batch."""
-    max_batch_attention_bytes: int = 256 << 20
+    max_batch_attention_bytes: int = 64 << 20
     """Most bytes of float32 attention one runtime batch may produce."""
     max_queue_delay: float = 0.0
     """Seconds a lone sequence may wait for company when the runtime is idle."""
