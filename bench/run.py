@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from attention_client import tune_malloc
 from bench.baselines import HfBaseline, OrtBaseline, tokenize
 from bench.ort_rss import rss_kib
 from bench.workloads import HEAVY, MIXED, ROOT, SHORT, Workload, text_of_length
@@ -74,6 +75,7 @@ def main() -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence length / batch size sweeps")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json/.md/.png")
     args = parser.parse_args()
+    tune_malloc()  # this process is the client of the length sweep (see attention_client.memory)
     started = time.perf_counter()
     out: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "service": {},
                            "ort": {}, "hf": {}, "rss_kib": {}, "sweep": {}}
