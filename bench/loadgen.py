@@ -30,7 +30,7 @@ async def run(target: str, workload: str, concurrency: int, duration: float, war
         async def caller(k: int) -> None:
             nonlocal tokens, payload
             i = k
-            while time.perf_counter() < stop_at:
+            while time.perf_counter() < stop_at or not latencies:  # at least one measured call
                 started = time.perf_counter()
                 result = await client.analyze(texts[i % len(texts)], **wl.options)
                 done = time.perf_counter()
