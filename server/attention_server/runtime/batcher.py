@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from .onnx_model import pad_batch
 from .results import cut, outputs_for
+from .stats import BatcherStats
 
 if TYPE_CHECKING:
     from .engine import Plan
@@ -55,21 +56,6 @@ class BatchConfig:
     """Seconds a lone sequence may wait for company when the runtime is idle."""
     max_queue_tokens: int = 65536
     """Most tokens waiting in the queue; beyond it new work is refused."""
-
-
-@dataclass
-class BatcherStats:
-    """Counters since start (also exported as metrics)."""
-
-    batches: int = 0
-    wide_batches: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-    expired: int = 0
-    cancelled: int = 0
-    rejected: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -159,6 +145,14 @@ class Batcher:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    async def drain_and_close(self, poll: float = 0.05) -> None:
+        """Refuse new work, let queued and running batches finish, then close
+        (a model being unloaded or replaced)."""
+        self._accepting = False
+        while self._queue or self._narrow_running or self._wide_running:
+            await asyncio.sleep(poll)
+        await self.close()
+
     async def close(self) -> None:
         """Fail what is still queued and stop the threads."""
         self._accepting = False
@@ -218,6 +212,9 @@ class Batcher:
         # Under load, spread what is queued over the idle instances.
         share = len(self._queue) if wide or not idle else -(-len(self._queue) // self._instances)
         batch = self._take(max_count=share)
+        now = time.monotonic()
+        for job in batch:
+            self.stats.queue.add(int((now - job.enqueued) * 1e9))
         if wide:
             self._wide_running = True
         else:
@@ -312,8 +309,10 @@ class Batcher:
         outputs: set[str] = set()
         for job in batch:
             outputs |= outputs_for(job.plan)
+        started = time.perf_counter_ns()
         tokens = [job.plan.tokens[job.index] for job in batch]
         feed = pad_batch(tokens, self.model.metadata.pad_token_id)
+        padded = time.perf_counter_ns()
         self.stats.batches += 1
         self.stats.wide_batches += wide
         self.stats.sequences += len(batch)
@@ -323,11 +322,26 @@ class Batcher:
         if len(self.stats.batch_sizes) > 10000:
             del self.stats.batch_sizes[:5000]
         values = self.model.runtime.run(feed, sorted(outputs), wide=wide) if outputs else {}
+        ran = time.perf_counter_ns()
+        per_size = self.stats.batch(len(batch))
+        for duration, ns in ((self.stats.compute_input, padded - started), (per_size.compute_input, padded - started),
+                             (self.stats.compute_infer, ran - padded), (per_size.compute_infer, ran - padded)):
+            duration.add(ns)
+        self.stats.ran()
         if cut_here:
             self._cut_batch(batch, values, loop)
         return values
 
     def _cut_batch(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> None:
+        started = time.perf_counter_ns()
+        try:
+            self._deliver(batch, values, loop)
+        finally:
+            ns = time.perf_counter_ns() - started
+            self.stats.compute_output.add(ns)
+            self.stats.batch(len(batch)).compute_output.add(ns)
+
+    def _deliver(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> None:
         for row, job in enumerate(batch):
             if job.cancelled:
                 continue

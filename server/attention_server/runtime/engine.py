@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -20,6 +21,7 @@ import numpy as np
 from ..errors import InvalidArgument, ResourceExhausted, Unavailable
 from .batcher import BatchConfig, Batcher
 from .repository import LoadedModel, ModelRepository
+from .stats import BatcherStats
 from .types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput, Tokens
 
 log = logging.getLogger(__name__)
@@ -153,9 +155,27 @@ class Engine:
 
     def batcher(self, model: LoadedModel) -> Batcher:
         batcher = self._batchers.get(model.name)
-        if batcher is None:
+        if batcher is None or batcher.model is not model:
             batcher = self._batchers[model.name] = Batcher(model, self.batch_config)
         return batcher
+
+    def stats(self, model: LoadedModel) -> BatcherStats:
+        return self.batcher(model).stats
+
+    async def load_model(self, name: str) -> LoadedModel:
+        """Load or reload a model folder while serving; calls already queued on a
+        previous instance finish there."""
+        model = await asyncio.to_thread(self.repository.load_one, name)
+        old = self._batchers.pop(name, None)
+        if old is not None and old.model is not model:
+            asyncio.get_running_loop().create_task(old.drain_and_close())
+        return model
+
+    async def unload_model(self, name: str) -> None:
+        self.repository.unload(name)
+        old = self._batchers.pop(name, None)
+        if old is not None:
+            await old.drain_and_close()
 
     def _check_size(self, plan: Plan, streaming: bool) -> None:
         sizes = [plan.sequence_bytes(i) for i in range(len(plan.tokens))]
@@ -175,23 +195,32 @@ class Engine:
         the post-processing thread). `timeout` bounds the time spent queued."""
         self._check_size(plan, streaming=False)
         batcher = self.batcher(plan.model)
+        started = time.perf_counter_ns()
         jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
+        ok = False
         try:
-            return list(await asyncio.gather(*(j.future for j in jobs)))
+            results = list(await asyncio.gather(*(j.future for j in jobs)))
+            ok = True
+            return results
         finally:
             batcher.discard(jobs)
+            (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
 
     async def analyze_stream(self, plan: Plan, timeout: float | None = None,
                              finish: Callable[[SequenceOutput], T] | None = None) -> AsyncIterator[T]:
         """Results one by one in request order, each as soon as it and those before it are ready."""
         self._check_size(plan, streaming=True)
         batcher = self.batcher(plan.model)
+        started = time.perf_counter_ns()
         jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
+        ok = False
         try:
             for job in jobs:
                 yield await job.future
+            ok = True
         finally:
             batcher.discard(jobs)
+            (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
 
     def stop_accepting(self) -> None:
         """Refuse new work (shutdown); queued work still completes."""

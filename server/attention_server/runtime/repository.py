@@ -90,39 +90,66 @@ def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = 
     return LoadedModel(metadata, tokenizer, runtime, folder)
 
 
-class ModelRepository:
-    """Models loaded at start, by name."""
+@dataclass(frozen=True)
+class LoadOptions:
+    intra_op_threads: int = 0
+    verify_checksums: bool = True
+    instances: int = 1
 
-    def __init__(self, models: dict[str, LoadedModel], default_model: str) -> None:
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    state: str  # READY or UNAVAILABLE
+    reason: str = ""
+
+
+class ModelRepository:
+    """The model folders under `root`; the loaded ones by name. Models can be
+    loaded and unloaded while serving (RepositoryModelLoad/Unload)."""
+
+    def __init__(self, root: Path, models: dict[str, LoadedModel], default_model: str,
+                 options: LoadOptions | None = None) -> None:
+        self.root = root
         self._models = models
         self.default_model = default_model
+        self.options = options or LoadOptions()
 
     @classmethod
     def load(cls, root: Path, names: list[str], default_model: str, intra_op_threads: int = 0,
              verify_checksums: bool = True, instances: int = 1) -> ModelRepository:
+        options = LoadOptions(intra_op_threads, verify_checksums, instances)
         if not root.is_dir():
             raise ModelLoadError(f"model repository {root} does not exist; export a model first (make model)")
-        folders = sorted(p for p in root.iterdir() if (p / METADATA_FILE).is_file())
-        available = {p.name: p for p in folders}
+        available = cls._folders(root)
         wanted = names or list(available)
         missing = [n for n in wanted if n not in available]
         if missing:
             raise ModelLoadError(f"models {missing} not in {root} (found: {sorted(available)})")
-        models = {}
-        for name in wanted:
-            model = load_model(available[name], intra_op_threads, verify_checksums, instances)
-            models[model.name] = model
+        models = {name: cls._load_folder(available[name], options) for name in wanted}
         if not models:
             raise ModelLoadError(f"no models in {root}; export one first (make model)")
         if default_model not in models:
             raise ModelLoadError(f"default model {default_model!r} is not loaded (loaded: {sorted(models)})")
-        return cls(models, default_model)
+        return cls(root, models, default_model, options)
+
+    @staticmethod
+    def _folders(root: Path) -> dict[str, Path]:
+        return {p.name: p for p in sorted(root.iterdir()) if (p / METADATA_FILE).is_file()}
+
+    @staticmethod
+    def _load_folder(folder: Path, options: LoadOptions) -> LoadedModel:
+        model = load_model(folder, options.intra_op_threads, options.verify_checksums, options.instances)
+        if model.name != folder.name:
+            raise ModelLoadError(f"{folder}: model.json names the model {model.name!r}; the folder must carry "
+                                 "the same name")
+        return model
 
     def get(self, name: str) -> LoadedModel:
         """The model called `name` ('' for the default); raises ModelNotFound."""
         model = self._models.get(name or self.default_model)
         if model is None:
-            raise ModelNotFound(name, list(self._models))
+            raise ModelNotFound(name or self.default_model, list(self._models))
         return model
 
     def names(self) -> list[str]:
@@ -130,3 +157,26 @@ class ModelRepository:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._models[n] for n in self.names())
+
+    def index(self) -> list[IndexEntry]:
+        """Every model folder, loaded or not."""
+        folders = self._folders(self.root) if self.root.is_dir() else {}
+        names = sorted(set(folders) | set(self._models))
+        return [IndexEntry(n, "READY") if n in self._models else IndexEntry(n, "UNAVAILABLE", "unloaded")
+                for n in names]
+
+    def load_one(self, name: str) -> LoadedModel:
+        """Load (or reload) the folder `name`; blocking (call it off the event loop).
+        The previous instance, if any, stays in service until the new one is ready."""
+        folder = self._folders(self.root).get(name) if self.root.is_dir() else None
+        if folder is None:
+            raise ModelNotFound(name, list(self._folders(self.root)) if self.root.is_dir() else [])
+        model = self._load_folder(folder, self.options)
+        self._models[name] = model
+        return model
+
+    def unload(self, name: str) -> LoadedModel:
+        model = self._models.pop(name, None)
+        if model is None:
+            raise ModelNotFound(name, list(self._models))
+        return model
