@@ -9,10 +9,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from ..runtime.batcher import BatchConfig
 from ..runtime.engine import Engine, Limits
 from ..runtime.repository import ModelRepository
 from ..settings import MiB, Settings
+from .kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from .kserve import InferenceServicer
 from .servicer import SERVICE_NAME, AttentionServicer
 
 log = logging.getLogger(__name__)
@@ -34,20 +37,25 @@ class AttentionServer:
             ]
         )
         self.grpc.add_generic_rpc_handlers((AttentionServicer(engine).handler(),))
+        self.kserve = InferenceServicer(engine, engine.repository.options.instances,
+                                        int(settings.max_queue_delay_ms * 1000))
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
             self.grpc,
         )
 
     async def start(self) -> None:
         await self.grpc.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (load balancers stop sending), then drain, then close."""
         await self.health.enter_graceful_shutdown()
+        self.kserve.ready = False
         self.engine.stop_accepting()
         await self.grpc.stop(self.settings.grace_period if grace is None else grace)
         await self.engine.close()

@@ -1,0 +1,195 @@
+"""inference.GRPCInferenceService (Open Inference Protocol / KServe v2, with
+Triton's configuration, statistics and repository extensions) over the same
+engine, batcher and runtime as attention.v1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from .. import __version__
+from .._proto.inference import grpc_service_pb2 as kpb
+from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from ..errors import InvalidArgument, ModelNotFound, ServiceError
+from ..runtime.engine import Engine
+from ..runtime.repository import LoadedModel
+from ..runtime.stats import Duration
+from . import kserve_codec as codec
+from .errors import unary
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
+VERSION = "1"
+
+
+def _duration(d: Duration) -> kpb.StatisticDuration:
+    return kpb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int) -> None:
+        self.engine = engine
+        self.instances = instances
+        self.max_queue_delay_us = max_queue_delay_us
+        self.ready = True
+
+    def _model(self, name: str, version: str = "") -> LoadedModel:
+        if not name:
+            raise InvalidArgument("model_name", "is required")
+        model = self.engine.repository.get(name)
+        if version not in ("", VERSION):
+            raise ModelNotFound(f"{name} version {version}", [f"{n} version {VERSION}"
+                                                             for n in self.engine.repository.names()])
+        return model
+
+    @unary
+    async def ServerLive(self, request: kpb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
+        return kpb.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: kpb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
+        return kpb.ServerReadyResponse(ready=self.ready and bool(self.engine.repository.names()))
+
+    @unary
+    async def ModelReady(self, request: kpb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
+        try:
+            self._model(request.name, request.version)
+        except ModelNotFound:
+            return kpb.ModelReadyResponse(ready=False)
+        return kpb.ModelReadyResponse(ready=self.ready)
+
+    @unary
+    async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
+        return kpb.ServerMetadataResponse(name="attention-server", version=__version__, extensions=EXTENSIONS)
+
+    @unary
+    async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
+        meta = self._model(request.name, request.version).metadata
+        inputs, outputs = codec.model_tensors(meta)
+        return kpb.ModelMetadataResponse(name=meta.name, versions=[VERSION], platform="onnxruntime_onnx",
+                                         inputs=codec.tensor_metadata(inputs), outputs=codec.tensor_metadata(outputs))
+
+    @unary
+    async def ModelConfig(self, request: kpb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
+        meta = self._model(request.name, request.version).metadata
+        config = codec.model_config(meta, self.engine.limits.max_batch_size, self.instances, self.max_queue_delay_us)
+        return kpb.ModelConfigResponse(config=config)
+
+    async def _infer(self, request: kpb.ModelInferRequest, timeout: float | None) -> kpb.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version)
+        meta = model.metadata
+        sequences = codec.decode_request(request, meta, self.engine.limits.max_batch_size)
+        names, options = codec.requested_outputs(request, meta)
+        try:
+            plan = self.engine.plan(model.name, sequences, options)
+        except InvalidArgument as exc:
+            # Name the protocol's tensors rather than attention.v1's fields.
+            message = exc.message.replace(".token_ids.ids", "").replace(".text", "")
+            message = message.replace("sequences[", "input row [").replace("options.", "parameter ")
+            raise InvalidArgument("inputs", message) from None
+        results = await self.engine.analyze(plan, timeout)
+        return codec.encode_response(request, meta, names, results, options.top_k)
+
+    @unary
+    async def ModelInfer(self, request: kpb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
+        return await self._infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[kpb.ModelStreamInferResponse]:
+        """Requests are served concurrently; responses go out as they finish, each
+        carrying the request's id. A failed request answers with error_message
+        and the stream goes on (the protocol's convention)."""
+        responses: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def serve_one(request: kpb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, None)
+                await responses.put(kpb.ModelStreamInferResponse(infer_response=response))
+            except ServiceError as exc:
+                await responses.put(kpb.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+            except Exception:
+                log.exception("ModelStreamInfer request %r failed unexpectedly", request.id)
+                await responses.put(kpb.ModelStreamInferResponse(
+                    error_message="internal error; see the server log",
+                    infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+
+        async def read_all() -> None:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(serve_one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await responses.put(None)
+
+        reader = asyncio.ensure_future(read_all())
+        try:
+            while (item := await responses.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    @unary
+    async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
+        models = [self._model(request.name, request.version)] if request.name else list(self.engine.repository)
+        out = kpb.ModelStatisticsResponse()
+        for model in models:
+            s = self.engine.stats(model)
+            entry = out.model_stats.add(name=model.name, version=VERSION, last_inference=s.last_inference_ms,
+                                        inference_count=s.sequences, execution_count=s.batches)
+            entry.inference_stats.CopyFrom(kpb.InferStatistics(
+                success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
+                compute_input=_duration(s.compute_input), compute_infer=_duration(s.compute_infer),
+                compute_output=_duration(s.compute_output)))
+            for size in sorted(s.by_batch_size):
+                b = s.by_batch_size[size]
+                entry.batch_stats.add(batch_size=size, compute_input=_duration(b.compute_input),
+                                      compute_infer=_duration(b.compute_infer),
+                                      compute_output=_duration(b.compute_output))
+        return out
+
+    @unary
+    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
+        entries = self.engine.repository.index()
+        return kpb.RepositoryIndexResponse(models=[
+            kpb.RepositoryIndexResponse.ModelIndex(name=e.name, version=VERSION if e.state == "READY" else "",
+                                                   state=e.state, reason=e.reason)
+            for e in entries if e.state == "READY" or not request.ready
+        ])
+
+    @unary
+    async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> kpb.RepositoryModelLoadResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name", "is required")
+        await self.engine.load_model(request.model_name)
+        log.info("loaded model %s on request", request.model_name)
+        return kpb.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name", "is required")
+        await self.engine.unload_model(request.model_name)
+        log.info("unloaded model %s on request", request.model_name)
+        return kpb.RepositoryModelUnloadResponse()

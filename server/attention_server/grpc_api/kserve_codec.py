@@ -1,0 +1,339 @@
+"""Open Inference Protocol (KServe v2) tensors <-> runtime types.
+
+The model as the protocol sees it (`model_tensors`): inputs `input_ids`,
+`attention_mask`, `token_type_ids` (INT64 or INT32, [batch, seq]) or `text`
+(BYTES, [batch] or [batch, 1], tokenized by the server); outputs
+`last_hidden_state`, `attentions` / `attentions_fp16`, `tokens`,
+`sequence_length` and, with a `top_k` parameter, `pair_from_index`,
+`pair_to_index`, `pair_strength`. Rows shorter than the batch's longest are
+zero-padded in the outputs (`sequence_length` says how long each row is).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._proto.inference import grpc_service_pb2 as kpb
+from .._proto.inference import model_config_pb2 as mc
+from ..errors import InvalidArgument
+from ..runtime.repository import ModelMetadata
+from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput
+
+NUMPY = {
+    "BOOL": np.dtype(bool), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+CONFIG_TYPE = {"INT32": mc.TYPE_INT32, "INT64": mc.TYPE_INT64, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32,
+               "BYTES": mc.TYPE_STRING}
+TYPED_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+               "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+               "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+               "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+ID_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEXT = "text"
+PAIR_OUTPUTS = ("pair_from_index", "pair_to_index", "pair_strength")
+DEFAULT_OUTPUTS = ("last_hidden_state", "attentions", "tokens", "sequence_length")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # with the batch dimension first (-1: variable)
+    optional: bool = False
+
+
+def model_tensors(meta: ModelMetadata) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    layers, heads = meta.num_layers, meta.num_heads
+    inputs = [
+        TensorSpec("input_ids", "INT64", (-1, -1), optional=True),
+        TensorSpec("attention_mask", "INT64", (-1, -1), optional=True),
+        TensorSpec("token_type_ids", "INT64", (-1, -1), optional=True),
+        TensorSpec(TEXT, "BYTES", (-1, 1), optional=True),
+    ]
+    outputs = [
+        TensorSpec("last_hidden_state", "FP32", (-1, -1, meta.hidden_size)),
+        TensorSpec("attentions", "FP32", (-1, layers, heads, -1, -1)),
+        TensorSpec("attentions_fp16", "FP16", (-1, layers, heads, -1, -1)),
+        TensorSpec("tokens", "BYTES", (-1, -1)),
+        TensorSpec("sequence_length", "INT64", (-1,)),
+        TensorSpec("pair_from_index", "INT32", (-1, layers, heads, -1)),
+        TensorSpec("pair_to_index", "INT32", (-1, layers, heads, -1)),
+        TensorSpec("pair_strength", "FP32", (-1, layers, heads, -1)),
+    ]
+    return inputs, outputs
+
+
+# -- BYTES --------------------------------------------------------------------------------
+
+def decode_bytes(raw: bytes, name: str) -> list[bytes]:
+    """BYTES tensor contents: each element a 4-byte little-endian length, then the bytes."""
+    out, pos = [], 0
+    view = memoryview(raw)
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidArgument(f"input '{name}'", "BYTES contents end inside a 4-byte length prefix")
+        (size,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + size > len(raw):
+            raise InvalidArgument(f"input '{name}'", f"BYTES element of {size} bytes runs past the end of the data")
+        out.append(bytes(view[pos:pos + size]))
+        pos += size
+    return out
+
+
+def encode_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+def _decode_input(request: kpb.ModelInferRequest, index: int) -> np.ndarray | list[bytes]:
+    tensor = request.inputs[index]
+    name, datatype = tensor.name, tensor.datatype
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64))
+    if request.raw_input_contents:
+        raw = request.raw_input_contents[index]
+        if datatype == "BYTES":
+            items = decode_bytes(raw, name)
+            if len(items) != count:
+                raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} needs {count} BYTES elements, "
+                                      f"got {len(items)}")
+            return items
+        dtype = NUMPY.get(datatype)
+        if dtype is None:
+            raise InvalidArgument(f"input '{name}'", f"unknown datatype {datatype!r}")
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} of {datatype} needs "
+                                  f"{count * dtype.itemsize} bytes, got {len(raw)}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    field = TYPED_FIELD.get(datatype)
+    if field is None:
+        raise InvalidArgument(f"input '{name}'", f"unknown datatype {datatype!r}")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} needs {count} elements in "
+                              f"contents.{field}, got {len(values)}")
+    if datatype == "BYTES":
+        return list(values)
+    return np.asarray(values, dtype=NUMPY[datatype]).reshape(shape)
+
+
+def _ids(name: str, value: np.ndarray | list[bytes], datatype: str) -> np.ndarray:
+    if datatype not in ("INT64", "INT32") or isinstance(value, list):
+        raise InvalidArgument(f"input '{name}'", f"datatype {datatype} is not accepted; expected INT64 or INT32")
+    if value.ndim != 2:
+        raise InvalidArgument(f"input '{name}'", f"shape {list(value.shape)} must be [batch, sequence]")
+    return value.astype(np.int64)
+
+
+def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
+                   max_batch_size: int) -> list[SequenceInput]:
+    """The request's rows as sequences; INVALID_ARGUMENT names the tensor."""
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidArgument("raw_input_contents", f"has {len(request.raw_input_contents)} entries for "
+                              f"{len(request.inputs)} inputs; send one per input or use typed contents")
+    known = [t.name for t in model_tensors(meta)[0]]
+    given: dict[str, tuple[np.ndarray | list[bytes], str]] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in known:
+            raise InvalidArgument(f"input '{tensor.name}'", f"unexpected input for model '{meta.name}'; "
+                                  f"expected {', '.join(known)}")
+        if tensor.name in given:
+            raise InvalidArgument(f"input '{tensor.name}'", "given twice")
+        given[tensor.name] = (_decode_input(request, i), tensor.datatype)
+    if (TEXT in given) == ("input_ids" in given):
+        raise InvalidArgument("inputs", "give either 'input_ids' (with optional 'attention_mask' and "
+                              "'token_type_ids') or 'text'")
+    if TEXT in given:
+        value, datatype = given[TEXT]
+        if datatype != "BYTES" or not isinstance(value, list):
+            raise InvalidArgument(f"input '{TEXT}'", f"datatype {datatype} is not accepted; expected BYTES")
+        extra = [n for n in ID_INPUTS if n in given]
+        if extra:
+            raise InvalidArgument(f"input '{extra[0]}'", "not allowed together with 'text'")
+        shape = tuple(request.inputs[[t.name for t in request.inputs].index(TEXT)].shape)
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidArgument(f"input '{TEXT}'", f"shape {list(shape)} must be [batch] or [batch, 1]")
+        rows = []
+        for i, item in enumerate(value):
+            try:
+                rows.append(SequenceInput(text=item.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise InvalidArgument(f"input '{TEXT}'[{i}]", "is not valid UTF-8") from None
+        _check_batch(len(rows), max_batch_size)
+        return rows
+    ids = _ids("input_ids", *given["input_ids"])
+    batch = ids.shape[0]
+    _check_batch(batch, max_batch_size)
+    mask = np.ones_like(ids)
+    if "attention_mask" in given:
+        mask = _ids("attention_mask", *given["attention_mask"])
+    types = np.zeros_like(ids)
+    if "token_type_ids" in given:
+        types = _ids("token_type_ids", *given["token_type_ids"])
+    for name, value in (("attention_mask", mask), ("token_type_ids", types)):
+        if value.shape != ids.shape:
+            raise InvalidArgument(f"input '{name}'", f"shape {list(value.shape)} must equal input_ids' "
+                                  f"{list(ids.shape)}")
+    rows = []
+    for r in range(batch):
+        n = int(mask[r].sum())
+        if not ((mask[r] == 0) | (mask[r] == 1)).all() or not (mask[r, :n] == 1).all() or n == 0:
+            raise InvalidArgument(f"input 'attention_mask'[{r}]", "must be ones then zeros (right padding), "
+                                  "with at least one 1")
+        rows.append(SequenceInput(token_ids=tuple(ids[r, :n].tolist()), type_ids=tuple(types[r, :n].tolist())))
+    return rows
+
+
+def _check_batch(batch: int, max_batch_size: int) -> None:
+    if not 1 <= batch <= max_batch_size:
+        raise InvalidArgument("inputs", f"batch of {batch} rows; this model takes 1 to {max_batch_size}")
+
+
+def _param(params: object, name: str) -> object | None:
+    p = params.get(name) if hasattr(params, "get") else None  # type: ignore[union-attr]
+    if p is None:
+        return None
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _index_list(value: object, name: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    try:
+        return tuple(int(x) for x in str(value).replace(" ", "").split(",") if x != "")
+    except ValueError:
+        raise InvalidArgument(f"parameter '{name}'", f"must be comma-separated integers, got {value!r}") from None
+
+
+def requested_outputs(request: kpb.ModelInferRequest, meta: ModelMetadata) -> tuple[list[str], AnalyzeOptions]:
+    """The output names in response order, and the runtime options they need."""
+    known = [t.name for t in model_tensors(meta)[1]]
+    top_k = _param(request.parameters, "top_k")
+    names = [o.name for o in request.outputs]
+    for name in names:
+        if name not in known:
+            raise InvalidArgument(f"output '{name}'", f"unknown output of model '{meta.name}'; known: "
+                                  f"{', '.join(known)}")
+    if not names:
+        names = list(DEFAULT_OUTPUTS) + (list(PAIR_OUTPUTS) if top_k is not None else [])
+    if any(n in PAIR_OUTPUTS for n in names) and top_k is None:
+        raise InvalidArgument("parameter 'top_k'", "is required for the pair_* outputs")
+    if "attentions" in names and "attentions_fp16" in names:
+        raise InvalidArgument("outputs", "ask for 'attentions' or 'attentions_fp16', not both")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise InvalidArgument("parameter 'top_k'", f"must be an integer, got {top_k!r}")
+    min_strength = _param(request.parameters, "min_strength")
+    exclude = _param(request.parameters, "exclude_special_tokens")
+    options = AnalyzeOptions(
+        layers=_index_list(_param(request.parameters, "layers"), "layers"),
+        heads=_index_list(_param(request.parameters, "heads"), "heads"),
+        attention_dtype=FLOAT16 if "attentions_fp16" in names else FLOAT32,
+        attention="attentions" in names or "attentions_fp16" in names,
+        hidden_states="last_hidden_state" in names,
+        top_k=top_k if top_k is None else int(top_k),
+        min_strength=float(min_strength) if isinstance(min_strength, int | float) else 0.0,
+        exclude_special_tokens=bool(exclude) if exclude is not None else False,
+    )
+    return names, options
+
+
+# -- outputs --------------------------------------------------------------------------------
+
+def _pad_stack(arrays: list[np.ndarray], length: int, axes: tuple[int, ...], fill: float = 0) -> np.ndarray:
+    """Stack per-row arrays into [batch, ...], padding the given axes to `length`."""
+    first = arrays[0]
+    shape = [len(arrays), *first.shape]
+    for axis in axes:
+        shape[axis + 1] = length
+    out = np.full(shape, fill, dtype=first.dtype)
+    for row, array in enumerate(arrays):
+        out[(row, *(slice(0, d) for d in array.shape))] = array
+    return out
+
+
+def padded_length(request: kpb.ModelInferRequest) -> int:
+    """The sequence axis the caller sent (input_ids' second dimension), 0 for text."""
+    for tensor in request.inputs:
+        if tensor.name == "input_ids" and len(tensor.shape) == 2:
+            return int(tensor.shape[1])
+    return 0
+
+
+def encode_response(request: kpb.ModelInferRequest, meta: ModelMetadata, names: list[str],
+                    results: list[SequenceOutput], top_k: int | None) -> kpb.ModelInferResponse:
+    """Outputs padded to the request's own sequence axis (as an ONNX BERT model
+    behind Triton would return them), or to the longest text."""
+    response = kpb.ModelInferResponse(model_name=meta.name, model_version="1", id=request.id)
+    length = max(padded_length(request), *(len(r.tokens) for r in results))
+    for name in names:
+        if name == "last_hidden_state":
+            array = _pad_stack([r.hidden_states for r in results], length, (0,))  # type: ignore[misc]
+        elif name in ("attentions", "attentions_fp16"):
+            array = _pad_stack([r.attention for r in results], length, (2, 3))  # type: ignore[misc]
+        elif name == "sequence_length":
+            array = np.array([len(r.tokens) for r in results], dtype=np.int64)
+        elif name == "tokens":
+            texts = [[t.encode() for t in r.tokens.texts] + [b""] * (length - len(r.tokens)) for r in results]
+            out = response.outputs.add(name=name, datatype="BYTES", shape=[len(results), length])
+            response.raw_output_contents.append(encode_bytes([t for row in texts for t in row]))
+            continue
+        else:
+            array = _pairs(results, name, top_k or 0)
+        datatype = next(k for k, v in NUMPY.items() if v == array.dtype.newbyteorder("<") and k != "BOOL")
+        out = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+                                            .tobytes())
+    del out
+    return response
+
+
+def _pairs(results: list[SequenceOutput], name: str, k: int) -> np.ndarray:
+    first = results[0]
+    shape = (len(results), len(first.layers), len(first.heads), k)
+    out = np.full(shape, 0.0 if name == "pair_strength" else -1,
+                  dtype=np.float32 if name == "pair_strength" else np.int32)
+    field = {"pair_from_index": "from_index", "pair_to_index": "to_index", "pair_strength": "strength"}[name]
+    for row, result in enumerate(results):
+        table = result.pairs
+        if table is None:
+            continue
+        values = getattr(table, field).reshape(shape[1], shape[2], -1)
+        valid = np.arange(values.shape[-1])[None, None, :] < table.counts.reshape(shape[1], shape[2], 1)
+        width = min(k, values.shape[-1])
+        out[row, :, :, :width] = np.where(valid[..., :width], values[..., :width], out[row, :, :, :width])
+    return out
+
+
+def tensor_metadata(specs: list[TensorSpec]) -> list[kpb.ModelMetadataResponse.TensorMetadata]:
+    return [kpb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape))
+            for s in specs]
+
+
+def model_config(meta: ModelMetadata, max_batch_size: int, instances: int,
+                 max_queue_delay_us: int) -> mc.ModelConfig:
+    """Triton's view of the model; dims leave out the batch dimension."""
+    inputs, outputs = model_tensors(meta)
+    return mc.ModelConfig(
+        name=meta.name,
+        platform="onnxruntime_onnx",
+        backend="onnxruntime",
+        max_batch_size=max_batch_size,
+        input=[mc.ModelInput(name=s.name, data_type=CONFIG_TYPE[s.datatype], dims=list(s.shape[1:]),
+                             optional=s.optional) for s in inputs],
+        output=[mc.ModelOutput(name=s.name, data_type=CONFIG_TYPE[s.datatype], dims=list(s.shape[1:]))
+                for s in outputs],
+        instance_group=[mc.ModelInstanceGroup(name=meta.name, count=instances,
+                                              kind=mc.ModelInstanceGroup.KIND_CPU)],
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us),
+    )
