@@ -23,6 +23,7 @@ class ServerThread:
     """A real grpc.aio server running on a background thread's event loop."""
 
     def __init__(self, **settings: object) -> None:
+        settings = {"metrics_port": 0, **settings}
         self.settings = Settings(host="127.0.0.1", port=0, model_repository=REPOSITORY, **settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
@@ -54,7 +55,8 @@ class ServerProcess:
     """`python -m attention_server --port 0`; reads the bound port from its stdout."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = ["--host", "127.0.0.1", "--port", "0", "--model-repository", str(REPOSITORY), *args]
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--model-repository", str(REPOSITORY),
+                     "--metrics-port", "0", "--metrics-host", "127.0.0.1", *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0

@@ -24,6 +24,8 @@ async def serve(settings: Settings) -> None:
     await server.start()
     # Tests and scripts read the bound port from this line (port 0 picks one).
     print(f"attention-server listening on {settings.host}:{port}", flush=True)
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.metrics_port)
     log.info("serving models %s (default %s)", server.engine.repository.names(), settings.default_model)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -37,9 +39,9 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    from .logs import configure
+
+    configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except Exception as exc:

@@ -4,6 +4,7 @@ from `attention-server` flags (flags win)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,5 +56,11 @@ class Settings(BaseSettings):
     """Check each model's sha256 against model.json when loading."""
     grace_period: float = Field(10.0, ge=0)
     """Seconds in-flight calls get to finish after SIGTERM."""
+    metrics_host: str = "0.0.0.0"
+    """Address of the Prometheus endpoint."""
+    metrics_port: int = Field(8002, ge=-1, le=65535)
+    """Prometheus /metrics port; 0 picks a free one, -1 turns the endpoint off."""
     log_level: str = "INFO"
     """Python logging level."""
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per line, with the call's request id."""

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from ..metrics import Metrics
 from ..runtime.batcher import BatchConfig
 from ..runtime.engine import Engine, Limits
 from ..runtime.repository import ModelRepository
+from ..runtime.stats import BatchObserver
 from ..settings import MiB, Settings
+from .interceptor import ObservabilityInterceptor
 from .kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve import InferenceServicer
 from .servicer import SERVICE_NAME, AttentionServicer
@@ -22,13 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class AttentionServer:
-    """A bound (not yet started) server with its engine and health status."""
+    """A bound (not yet started) server with its engine, health status and metrics."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics) -> None:
         self.settings = settings
         self.engine = engine
+        self.metrics = metrics
+        self.metrics_port: int | None = None
+        self._metrics_httpd: Any = None
+        metrics.watch(engine)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
+            interceptors=[ObservabilityInterceptor(metrics)],
             options=[
                 # Room for the largest unary response plus framing.
                 ("grpc.max_send_message_length", settings.max_response_bytes + MiB),
@@ -49,6 +58,9 @@ class AttentionServer:
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.settings.metrics_port >= 0:
+            self._metrics_httpd, self.metrics_port = self.metrics.serve(self.settings.metrics_host,
+                                                                        self.settings.metrics_port)
         for service in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -59,12 +71,15 @@ class AttentionServer:
         self.engine.stop_accepting()
         await self.grpc.stop(self.settings.grace_period if grace is None else grace)
         await self.engine.close()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
 
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, observer: BatchObserver | None = None) -> Engine:
     repository = ModelRepository.load(
         settings.model_repository,
         settings.models,
@@ -85,13 +100,14 @@ def build_engine(settings: Settings) -> Engine:
         max_queue_delay=settings.max_queue_delay_ms / 1000,
         max_queue_tokens=settings.max_queue_tokens,
     )
-    return Engine(repository, limits, batching)
+    return Engine(repository, limits, batching, observer)
 
 
 def create_server(settings: Settings, engine: Engine | None = None) -> tuple[AttentionServer, int]:
     """Load the models and bind the port (0 picks a free one); returns the server
     and the port it is bound to. Call `await server.start()` from the event loop."""
-    server = AttentionServer(settings, engine or build_engine(settings))
+    metrics = Metrics()
+    server = AttentionServer(settings, engine or build_engine(settings, metrics), metrics)
     port = server.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")

@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from .onnx_model import pad_batch
 from .results import cut, outputs_for
-from .stats import BatcherStats
+from .stats import BatcherStats, BatchObserver
 
 if TYPE_CHECKING:
     from .engine import Plan
@@ -73,8 +73,9 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, model: LoadedModel, config: BatchConfig) -> None:
+    def __init__(self, model: LoadedModel, config: BatchConfig, observer: BatchObserver | None = None) -> None:
         self.model = model
+        self.observer = observer or BatchObserver()
         self.config = config
         self.stats = BatcherStats()
         self._queue: list[Job] = []
@@ -215,6 +216,7 @@ class Batcher:
         now = time.monotonic()
         for job in batch:
             self.stats.queue.add(int((now - job.enqueued) * 1e9))
+            self.observer.queued(self.model.name, now - job.enqueued)
         if wide:
             self._wide_running = True
         else:
@@ -328,6 +330,8 @@ class Batcher:
                              (self.stats.compute_infer, ran - padded), (per_size.compute_infer, ran - padded)):
             duration.add(ns)
         self.stats.ran()
+        self.observer.ran(self.model.name, len(batch), sum(len(t) for t in tokens), (padded - started) / 1e9,
+                          (ran - padded) / 1e9)
         if cut_here:
             self._cut_batch(batch, values, loop)
         return values
@@ -340,6 +344,7 @@ class Batcher:
             ns = time.perf_counter_ns() - started
             self.stats.compute_output.add(ns)
             self.stats.batch(len(batch)).compute_output.add(ns)
+            self.observer.delivered(self.model.name, ns / 1e9)
 
     def _deliver(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> None:
         for row, job in enumerate(batch):

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InvalidArgument, ResourceExhausted, Unavailable
 from .batcher import BatchConfig, Batcher
 from .repository import LoadedModel, ModelRepository
-from .stats import BatcherStats
+from .stats import BatcherStats, BatchObserver
 from .types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput, Tokens
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ class Engine:
     """Runs analysis requests against the models of a repository, one dynamic
     batcher per model."""
 
-    def __init__(self, repository: ModelRepository, limits: Limits, batch_config: BatchConfig | None = None) -> None:
+    def __init__(self, repository: ModelRepository, limits: Limits, batch_config: BatchConfig | None = None,
+                 observer: BatchObserver | None = None) -> None:
         self.repository = repository
+        self.observer = observer
         self.limits = limits
         self.batch_config = batch_config or BatchConfig(max_batch_size=limits.max_batch_size)
         self._batchers: dict[str, Batcher] = {}
@@ -156,8 +158,11 @@ class Engine:
     def batcher(self, model: LoadedModel) -> Batcher:
         batcher = self._batchers.get(model.name)
         if batcher is None or batcher.model is not model:
-            batcher = self._batchers[model.name] = Batcher(model, self.batch_config)
+            batcher = self._batchers[model.name] = Batcher(model, self.batch_config, self.observer)
         return batcher
+
+    def batchers(self) -> list[Batcher]:
+        return list(self._batchers.values())
 
     def stats(self, model: LoadedModel) -> BatcherStats:
         return self.batcher(model).stats

@@ -59,3 +59,16 @@ class BatcherStats:
 
     def ran(self) -> None:
         self.last_inference_ms = int(time.time() * 1000)
+
+
+class BatchObserver:
+    """Hooks the batcher calls from its threads (metrics implement them)."""
+
+    def queued(self, model: str, seconds: float) -> None:
+        """A sequence waited `seconds` for its runtime batch."""
+
+    def ran(self, model: str, size: int, tokens: int, input_seconds: float, infer_seconds: float) -> None:
+        """A runtime batch of `size` sequences ran."""
+
+    def delivered(self, model: str, seconds: float) -> None:
+        """A batch was cut and encoded in `seconds`."""
