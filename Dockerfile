@@ -29,7 +29,7 @@ ENV ATTENTION_MODEL_REPOSITORY=/models \
     ATTENTION_HOST=[::] \
     ATTENTION_PORT=50051
 USER 10001
-EXPOSE 50051
+EXPOSE 50051 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["attention-healthcheck", "--target", "localhost:50051"]
 STOPSIGNAL SIGTERM
