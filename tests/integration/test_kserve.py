@@ -119,35 +119,16 @@ def test_load_and_unload_a_second_model(triton_run):
 
 def test_our_inference_protos_match_tritonclients_field_numbers():
     """Wire compatibility: every field we define has tritonclient's number and type."""
-    script = """
-import json
-from tritonclient.grpc import service_pb2, model_config_pb2
-def fields(d):
-    out = {d.full_name: {f.name: [f.number, f.type, f.is_repeated] for f in d.fields}}
-    for n in d.nested_types:
-        out.update(fields(n))
-    return out
-table = {}
-for module in (service_pb2, model_config_pb2):
-    for d in module.DESCRIPTOR.message_types_by_name.values():
-        table.update(fields(d))
-print(json.dumps(table))
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    script = ("import json; from tritonclient.grpc import service_pb2, model_config_pb2; "
+              "from tests.integration.triton.descriptors import field_table; "
+              "print(json.dumps(field_table(service_pb2, model_config_pb2)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     theirs = json.loads(done.stdout)
     from attention_server._proto.inference import grpc_service_pb2, model_config_pb2
+    from tests.integration.triton.descriptors import field_table
 
-    def fields(d):
-        out = {d.full_name: {f.name: [f.number, f.type, f.is_repeated] for f in d.fields}}
-        for n in d.nested_types:
-            out.update(fields(n))
-        return out
-
-    ours = {}
-    for module in (grpc_service_pb2, model_config_pb2):
-        for d in module.DESCRIPTOR.message_types_by_name.values():
-            ours.update(fields(d))
+    ours = field_table(grpc_service_pb2, model_config_pb2)
     checked = 0
     for message, our_fields in ours.items():
         if message.endswith("Entry"):
