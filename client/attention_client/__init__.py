@@ -12,7 +12,7 @@ from ._client import AttentionClient
 from .aio import AsyncAttentionClient
 from .errors import AttentionError
 from .memory import tune_malloc
-from .results import AnalyzeResult, Head, HeadPairs, ModelInfo, Pair, Token
+from .results import AnalyzeResult, Head, HeadPairs, ModelInfo, Pair, Token, Word
 
 __all__ = [
     "AnalyzeResult",
@@ -24,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "Pair",
     "Token",
+    "Word",
     "tune_malloc",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from ._proto.attention.v1 import attention_pb2 as pb
 SequenceLike = Union[str, tuple[str, str], Sequence[int], np.ndarray]  # noqa: UP007 (py3.10 alias)
 
 DTYPES = {"float32": pb.DATA_TYPE_FLOAT32, "float16": pb.DATA_TYPE_FLOAT16}
+ROLLOUT = {"mean": pb.ROLLOUT_MEAN, "max": pb.ROLLOUT_MAX, "min": pb.ROLLOUT_MIN}
 
 
 def _sequence(item: SequenceLike, seq_id: str) -> pb.Sequence:
@@ -40,6 +41,9 @@ def build_request(
     hidden_states: bool = True,
     attention_dtype: str = "float32",
     ids: Iterable[str] | None = None,
+    word_level: bool = False,
+    head_statistics: bool = False,
+    rollout: str | None = None,
 ) -> tuple[pb.AnalyzeRequest, bool]:
     """The request, and whether the caller passed a single sequence."""
     single = isinstance(sequences, str) or (isinstance(sequences, tuple) and len(sequences) == 2
@@ -60,7 +64,13 @@ def build_request(
         hidden_states=hidden_states,
         min_strength=min_strength,
         exclude_special_tokens=exclude_special_tokens,
+        word_level=word_level,
+        head_statistics=head_statistics,
     )
+    if rollout is not None:
+        if rollout not in ROLLOUT:
+            raise ValueError(f"rollout must be one of {sorted(ROLLOUT)}, got {rollout!r}")
+        options.rollout = ROLLOUT[rollout]
     if top_k is not None:
         options.top_k = top_k
     request = pb.AnalyzeRequest(model=model, options=options,

@@ -39,6 +39,19 @@ class HeadPairs:
 
 
 @dataclass(frozen=True)
+class Word:
+    """A word of the word-level view (its tokens are [first_token, end_token)) or a special token."""
+
+    text: str
+    start: int
+    end: int
+    first_token: int
+    end_token: int
+    special: bool
+    segment: int
+
+
+@dataclass(frozen=True)
 class Head:
     layer: int
     index: int
@@ -59,6 +72,8 @@ class AnalyzeResult:
     attention: np.ndarray | None
     hidden_states: np.ndarray | None
     _msg: pb.SequenceResult = field(repr=False, compare=False)
+    word_attention: np.ndarray | None = None
+    rollout: np.ndarray | None = None
 
     @classmethod
     def from_pb(cls, msg: pb.SequenceResult) -> AnalyzeResult:
@@ -70,6 +85,8 @@ class AnalyzeResult:
             attention=from_tensor(msg.attention) if msg.HasField("attention") else None,
             hidden_states=from_tensor(msg.hidden_states) if msg.HasField("hidden_states") else None,
             _msg=msg,
+            word_attention=from_tensor(msg.word_attention) if msg.HasField("word_attention") else None,
+            rollout=from_tensor(msg.rollout) if msg.HasField("rollout") else None,
         )
 
     @functools.cached_property
@@ -83,6 +100,31 @@ class AnalyzeResult:
             HeadPairs(hp.head.layer, hp.head.index, [Pair(p.from_index, p.to_index, p.strength) for p in hp.pairs])
             for hp in self._msg.pairs
         ]
+
+    @functools.cached_property
+    def words(self) -> list[Word]:
+        """The word-level units (word_level=True)."""
+        return [Word(w.text, w.start, w.end, w.first_token, w.end_token, w.special, w.segment)
+                for w in self._msg.words]
+
+    @functools.cached_property
+    def word_pairs(self) -> list[HeadPairs]:
+        """Per selected head, its strongest word pairs (indices into `words`)."""
+        return [
+            HeadPairs(hp.head.layer, hp.head.index, [Pair(p.from_index, p.to_index, p.strength) for p in hp.pairs])
+            for hp in self._msg.word_pairs
+        ]
+
+    @functools.cached_property
+    def head_statistics(self) -> list[Head]:
+        """Per selected head, its statistics on this sequence (head_statistics=True)."""
+        return [Head(h.layer, h.index, h.role, dict(h.statistics)) for h in self._msg.head_statistics]
+
+    def word_pair_rows(self) -> list[tuple[int, int, str, str, float]]:
+        """(layer, head, from word, to word, strength) for every returned word pair."""
+        texts = [w.text for w in self.words]
+        return [(hp.layer, hp.head, texts[p.from_index], texts[p.to_index], p.strength)
+                for hp in self.word_pairs for p in hp.pairs]
 
     @property
     def token_texts(self) -> list[str]:

@@ -9,14 +9,19 @@ from attention_client.tensors import dtype_code
 
 from ..errors import InvalidArgument
 from ..runtime.engine import Limits
+from ..runtime.heads import STATISTICS
 from ..runtime.repository import ModelMetadata
 from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, PairTable, SequenceInput, SequenceOutput
 
 SEQUENCE_RESULT_ATTENTION = pb.SequenceResult.DESCRIPTOR.fields_by_name["attention"].number
 SEQUENCE_RESULT_HIDDEN = pb.SequenceResult.DESCRIPTOR.fields_by_name["hidden_states"].number
 SEQUENCE_RESULT_PAIRS = pb.SequenceResult.DESCRIPTOR.fields_by_name["pairs"].number
+SEQUENCE_RESULT_WORD_PAIRS = pb.SequenceResult.DESCRIPTOR.fields_by_name["word_pairs"].number
+SEQUENCE_RESULT_WORD_ATTENTION = pb.SequenceResult.DESCRIPTOR.fields_by_name["word_attention"].number
+SEQUENCE_RESULT_ROLLOUT = pb.SequenceResult.DESCRIPTOR.fields_by_name["rollout"].number
 PAIR_KEY = pb.HeadPairs.DESCRIPTOR.fields_by_name["pairs"].number << 3 | 2
 ANALYZE_RESPONSE_RESULTS = pb.AnalyzeResponse.DESCRIPTOR.fields_by_name["results"].number
+_ROLLOUT = {pb.ROLLOUT_NONE: None, pb.ROLLOUT_MEAN: "mean", pb.ROLLOUT_MAX: "max", pb.ROLLOUT_MIN: "min"}
 _ATTENTION_DTYPES = {pb.DATA_TYPE_UNSPECIFIED: FLOAT32, pb.DATA_TYPE_FLOAT32: FLOAT32, pb.DATA_TYPE_FLOAT16: FLOAT16}
 
 
@@ -48,6 +53,9 @@ def options_from_pb(options: pb.AnalyzeOptions) -> AnalyzeOptions:
         top_k=options.top_k if options.HasField("top_k") else None,
         min_strength=options.min_strength,
         exclude_special_tokens=options.exclude_special_tokens,
+        word_level=options.word_level,
+        head_statistics=options.head_statistics,
+        rollout=_ROLLOUT.get(options.rollout, str(options.rollout)),
     )
 
 
@@ -86,11 +94,12 @@ def _tensor_parts(field: int, array: np.ndarray) -> Parts:
     return [_len_key(field, size) + head + data_key, array.reshape(-1).view(np.uint8).data]
 
 
-def _pair_table_pb(table: PairTable) -> bytes:
-    """`repeated HeadPairs pairs = 8` through protobuf messages (reference encoding)."""
+def _pair_table_pb(table: PairTable, field: int = SEQUENCE_RESULT_PAIRS) -> bytes:
+    """`repeated HeadPairs pairs` (or `word_pairs`) through protobuf messages (reference encoding)."""
     msg = pb.SequenceResult()
+    target = msg.pairs if field == SEQUENCE_RESULT_PAIRS else msg.word_pairs
     for row in range(table.from_index.shape[0]):
-        entry = msg.pairs.add()
+        entry = target.add()
         entry.head.layer = int(table.layers[row])
         entry.head.index = int(table.heads[row])
         entry.pairs.extend(pb.PairStrength(from_index=f, to_index=t, strength=s) for f, t, s in table.head_pairs(row))
@@ -109,7 +118,7 @@ def _varint_columns(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndar
     return (digits | (more << 7)).astype(np.uint8), used
 
 
-def _pair_table_bytes(table: PairTable) -> bytes:
+def _pair_table_bytes(table: PairTable, field: int = SEQUENCE_RESULT_PAIRS) -> bytes:
     """`repeated HeadPairs pairs = 8` of a SequenceResult, encoded with numpy for
     all heads and pairs at once (as Python messages, 72 heads x 5 pairs cost
     ~0.5 ms). Each head is a 10-byte header slot followed by 13-byte pair slots;
@@ -121,7 +130,7 @@ def _pair_table_bytes(table: PairTable) -> bytes:
     n_pairs = int(frm.size)
     if rows == 0 or max(int(table.layers.max()), int(table.heads.max()),
                         int(frm.max()) if n_pairs else 0, int(to.max()) if n_pairs else 0) >= 1 << 14:
-        return _pair_table_pb(table)
+        return _pair_table_pb(table, field)
     slots = np.zeros((rows + n_pairs, 13), dtype=np.uint8)
     keep = np.zeros(slots.shape, dtype=bool)
     head_of_pair = np.repeat(np.arange(rows), counts)
@@ -152,7 +161,7 @@ def _pair_table_bytes(table: PairTable) -> bytes:
     b_digits, b_used = _varint_columns(body_len, 3)
     header = np.zeros((rows, 13), dtype=np.uint8)
     header_keep = np.ones((rows, 13), dtype=bool)
-    header[:, 0] = SEQUENCE_RESULT_PAIRS << 3 | 2
+    header[:, 0] = field << 3 | 2
     header[:, 1:4], header_keep[:, 1:4] = b_digits, b_used
     header[:, 4] = 0x0A
     header[:, 5] = head_len
@@ -180,9 +189,30 @@ def result_parts(out: SequenceOutput) -> Parts:
             t.special.tolist(), t.segment.tolist(), strict=True,
         )
     )
+    if out.words is not None:
+        w = out.words
+        msg.words.extend(
+            pb.Word(text=text, start=s_, end=e, first_token=a, end_token=b, special=sp, segment=g)
+            for text, s_, e, a, b, sp, g in zip(
+                w.texts, w.starts.tolist(), w.ends.tolist(), w.token_start.tolist(), w.token_end.tolist(),
+                w.special.tolist(), w.segment.tolist(), strict=True,
+            )
+        )
+    if out.head_statistics is not None:
+        names = STATISTICS
+        for li, layer in enumerate(out.layers):
+            for hi, head in enumerate(out.heads):
+                values = out.head_statistics[li, hi].tolist()
+                msg.head_statistics.add(layer=layer, index=head, statistics=dict(zip(names, values, strict=True)))
     parts: Parts = [msg.SerializeToString()]
     if out.pairs is not None:
         parts.append(_pair_table_bytes(out.pairs))
+    if out.word_pairs is not None:
+        parts.append(_pair_table_bytes(out.word_pairs, SEQUENCE_RESULT_WORD_PAIRS))
+    if out.word_attention is not None:
+        parts += _tensor_parts(SEQUENCE_RESULT_WORD_ATTENTION, out.word_attention)
+    if out.rollout is not None:
+        parts += _tensor_parts(SEQUENCE_RESULT_ROLLOUT, out.rollout)
     if out.attention is not None:
         parts += _tensor_parts(SEQUENCE_RESULT_ATTENTION, out.attention)
     if out.hidden_states is not None:

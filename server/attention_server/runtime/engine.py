@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import InvalidArgument, ResourceExhausted, Unavailable
 from .batcher import BatchConfig, Batcher
+from .heads import FUSIONS
 from .repository import LoadedModel, ModelRepository
 from .stats import BatcherStats, BatchObserver
 from .types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput, Tokens
@@ -52,14 +53,22 @@ class Plan:
     def sequence_bytes(self, index: int) -> int:
         """Upper estimate of one sequence's serialized result size."""
         n = len(self.tokens[index])
+        options = self.options
         size = n * TOKEN_BYTES + 256
         cells = len(self.layers) * len(self.heads) * n * n
-        if self.options.attention:
-            size += cells * (2 if self.options.attention_dtype == FLOAT16 else 4)
-        if self.options.hidden_states:
+        if options.attention:
+            size += cells * (2 if options.attention_dtype == FLOAT16 else 4)
+        if options.hidden_states:
             size += n * self.model.metadata.hidden_size * 4
-        if self.options.top_k is not None:
-            size += len(self.layers) * len(self.heads) * (min(self.options.top_k, n * n) * PAIR_BYTES + 16)
+        if options.top_k is not None:
+            pairs = len(self.layers) * len(self.heads) * (min(options.top_k, n * n) * PAIR_BYTES + 16)
+            size += pairs * (2 if options.word_level else 1)
+        if options.word_level:
+            size += n * TOKEN_BYTES + (cells * 4 if options.attention else 0)
+        if options.head_statistics:
+            size += len(self.layers) * len(self.heads) * 200
+        if options.rollout is not None:
+            size += self.model.metadata.num_layers * n * n * 4
         return size
 
 
@@ -110,6 +119,8 @@ class Engine:
                                   "use FLOAT32 or FLOAT16")
         if options.top_k is not None and options.top_k <= 0:
             raise InvalidArgument("options.top_k", f"must be > 0 when set, got {options.top_k}")
+        if options.rollout is not None and options.rollout not in FUSIONS:
+            raise InvalidArgument("options.rollout", f"{options.rollout!r} is not a fusion; use mean, max or min")
         if not (0.0 <= options.min_strength <= 1.0) or math.isnan(options.min_strength):
             raise InvalidArgument("options.min_strength", f"must be within [0, 1], got {options.min_strength}")
         tokens = [self._tokenize(model, i, seq) for i, seq in enumerate(inputs)]

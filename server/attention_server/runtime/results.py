@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import heads
 from .pairs import top_pairs
 from .types import FLOAT16, SequenceOutput
 
@@ -23,7 +24,8 @@ def outputs_for(plan: Plan) -> set[str]:
     needed = set()
     if options.hidden_states:
         needed.add(HIDDEN)
-    if options.top_k is not None or (options.attention and options.attention_dtype != FLOAT16):
+    analysis = options.word_level or options.head_statistics or options.rollout is not None
+    if options.top_k is not None or analysis or (options.attention and options.attention_dtype != FLOAT16):
         needed.add(ATTENTIONS)
     if options.attention and options.attention_dtype == FLOAT16:
         needed.add(ATTENTIONS_FP16)
@@ -54,4 +56,23 @@ def cut(plan: Plan, index: int, row: int, values: dict[str, np.ndarray]) -> Sequ
         att = _select(values[ATTENTIONS][row, :, :, :n, :n], plan)
         exclude = tokens.special if options.exclude_special_tokens else None
         out.pairs = top_pairs(att, plan.layers, plan.heads, options.top_k, options.min_strength, exclude)
+    if options.word_level or options.head_statistics:
+        att = _select(values[ATTENTIONS][row, :, :, :n, :n], plan)
+        meta = plan.model.metadata
+        if options.word_level:
+            words = heads.group_words(tokens, meta.continuing_subword_prefix)
+            word_att = heads.word_attention(att, words)
+            out.words = words
+            if options.attention:
+                out.word_attention = word_att.astype(np.float16 if options.attention_dtype == FLOAT16 else np.float32)
+            if options.top_k is not None:
+                exclude = words.special if options.exclude_special_tokens else None
+                out.word_pairs = top_pairs(word_att, plan.layers, plan.heads, options.top_k, options.min_strength,
+                                           exclude)
+        if options.head_statistics:
+            special = meta.special_tokens
+            out.head_statistics = heads.head_statistics(att, tokens, special.get("cls", {}).get("id"),
+                                                        special.get("sep", {}).get("id"))
+    if options.rollout is not None:
+        out.rollout = heads.rollout(values[ATTENTIONS][row, :, :, :n, :n], options.rollout)
     return out

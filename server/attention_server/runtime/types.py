@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,9 @@ class AnalyzeOptions:
     top_k: int | None = None
     min_strength: float = 0.0
     exclude_special_tokens: bool = False
+    word_level: bool = False
+    head_statistics: bool = False
+    rollout: str | None = None  # "mean", "max" or "min"
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,8 @@ class SequenceOutput:
     attention: np.ndarray | None = None  # [layers, heads, n, n], C-contiguous
     hidden_states: np.ndarray | None = None  # [n, hidden] float32
     pairs: PairTable | None = None
+    words: Any = None  # heads.Words
+    word_attention: np.ndarray | None = None  # [layers, heads, words, words]
+    word_pairs: PairTable | None = None
+    head_statistics: np.ndarray | None = None  # [layers, heads, len(heads.STATISTICS)] float32
+    rollout: np.ndarray | None = None  # [num_layers, n, n] float32

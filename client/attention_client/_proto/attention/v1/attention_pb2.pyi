@@ -46,6 +46,26 @@ DATA_TYPE_INT32: DataType.ValueType  # 3
 DATA_TYPE_INT64: DataType.ValueType  # 4
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
+class _RolloutFusion:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutFusionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutFusion.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_NONE: _RolloutFusion.ValueType  # 0
+    ROLLOUT_MEAN: _RolloutFusion.ValueType  # 1
+    ROLLOUT_MAX: _RolloutFusion.ValueType  # 2
+    ROLLOUT_MIN: _RolloutFusion.ValueType  # 3
+
+class RolloutFusion(_RolloutFusion, metaclass=_RolloutFusionEnumTypeWrapper):
+    """How attention rollout fuses the heads of a layer."""
+
+ROLLOUT_NONE: RolloutFusion.ValueType  # 0
+ROLLOUT_MEAN: RolloutFusion.ValueType  # 1
+ROLLOUT_MAX: RolloutFusion.ValueType  # 2
+ROLLOUT_MIN: RolloutFusion.ValueType  # 3
+Global___RolloutFusion: _TypeAlias = RolloutFusion  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """A dense tensor: `data` holds prod(shape) elements of `dtype`, little-endian,
@@ -155,6 +175,9 @@ class AnalyzeOptions(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     MIN_STRENGTH_FIELD_NUMBER: _builtins.int
     EXCLUDE_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    WORD_LEVEL_FIELD_NUMBER: _builtins.int
+    HEAD_STATISTICS_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     attention_dtype: Global___DataType.ValueType
     """dtype of returned attention matrices: FLOAT32 (default) or FLOAT16."""
     attention: _builtins.bool
@@ -170,6 +193,20 @@ class AnalyzeOptions(_message.Message):
     exclude_special_tokens: _builtins.bool
     """Leave pairs that involve special tokens ([CLS], [SEP], ...) out of the
     top-k lists. The matrices always keep them.
+    """
+    word_level: _builtins.bool
+    """Also return the word-level view (Clark et al. 2019): `words`, and with
+    `attention` the `word_attention` matrices, with `top_k` the `word_pairs`.
+    Attention to a split word is summed over its pieces, attention from it is
+    averaged; special tokens stay separate.
+    """
+    head_statistics: _builtins.bool
+    """Per-head statistics of this sequence in `head_statistics` (entropy,
+    distance, shares to [CLS]/[SEP]/punctuation/previous/next/self).
+    """
+    rollout: Global___RolloutFusion.ValueType
+    """Attention rollout (Abnar & Zuidema 2020) through all layers, heads fused
+    as asked; NONE: no rollout.
     """
     @_builtins.property
     def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -190,10 +227,13 @@ class AnalyzeOptions(_message.Message):
         top_k: _builtins.int | None = ...,
         min_strength: _builtins.float = ...,
         exclude_special_tokens: _builtins.bool = ...,
+        word_level: _builtins.bool = ...,
+        head_statistics: _builtins.bool = ...,
+        rollout: Global___RolloutFusion.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_attention", b"_attention", "_hidden_states", b"_hidden_states", "_top_k", b"_top_k", "attention", b"attention", "hidden_states", b"hidden_states", "top_k", b"top_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attention", b"_attention", "_hidden_states", b"_hidden_states", "_top_k", b"_top_k", "attention", b"attention", "attention_dtype", b"attention_dtype", "exclude_special_tokens", b"exclude_special_tokens", "heads", b"heads", "hidden_states", b"hidden_states", "layers", b"layers", "min_strength", b"min_strength", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attention", b"_attention", "_hidden_states", b"_hidden_states", "_top_k", b"_top_k", "attention", b"attention", "attention_dtype", b"attention_dtype", "exclude_special_tokens", b"exclude_special_tokens", "head_statistics", b"head_statistics", "heads", b"heads", "hidden_states", b"hidden_states", "layers", b"layers", "min_strength", b"min_strength", "rollout", b"rollout", "top_k", b"top_k", "word_level", b"word_level"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__attention: _TypeAlias = _typing.Literal["attention"]  # noqa: Y015
     _WhichOneofArgType__attention: _TypeAlias = _typing.Literal["_attention", b"_attention"]  # noqa: Y015
@@ -209,6 +249,47 @@ class AnalyzeOptions(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
 
 Global___AnalyzeOptions: _TypeAlias = AnalyzeOptions  # noqa: Y015
+
+@_typing.final
+class Word(_message.Message):
+    """A word of the word-level view: one word's pieces, or one special token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    END_TOKEN_FIELD_NUMBER: _builtins.int
+    SPECIAL_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    start: _builtins.int
+    """Character span [start, end) in the segment's text; -1 without a span."""
+    end: _builtins.int
+    first_token: _builtins.int
+    """Its tokens are [first_token, end_token)."""
+    end_token: _builtins.int
+    special: _builtins.bool
+    segment: _builtins.int
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        first_token: _builtins.int = ...,
+        end_token: _builtins.int = ...,
+        special: _builtins.bool = ...,
+        segment: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "end_token", b"end_token", "first_token", b"first_token", "segment", b"segment", "special", b"special", "start", b"start", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Word: _TypeAlias = Word  # noqa: Y015
 
 @_typing.final
 class AnalyzeRequest(_message.Message):
@@ -404,6 +485,11 @@ class SequenceResult(_message.Message):
     ATTENTION_FIELD_NUMBER: _builtins.int
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     PAIRS_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
+    WORD_ATTENTION_FIELD_NUMBER: _builtins.int
+    WORD_PAIRS_FIELD_NUMBER: _builtins.int
+    HEAD_STATISTICS_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the sequence in the request."""
     id: _builtins.str
@@ -429,6 +515,28 @@ class SequenceResult(_message.Message):
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeadPairs]:
         """One entry per selected (layer, head), layer-major, when top_k is set."""
 
+    @_builtins.property
+    def words(self) -> _containers.RepeatedCompositeFieldContainer[Global___Word]:
+        """With word_level: the words, [layers, heads, words, words] attention over
+        them, and their top-k pairs (indices into `words`).
+        """
+
+    @_builtins.property
+    def word_attention(self) -> Global___Tensor: ...
+    @_builtins.property
+    def word_pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeadPairs]: ...
+    @_builtins.property
+    def head_statistics(self) -> _containers.RepeatedCompositeFieldContainer[Global___Head]:
+        """With head_statistics: one Head per selected (layer, head), layer-major,
+        with `statistics` filled.
+        """
+
+    @_builtins.property
+    def rollout(self) -> Global___Tensor:
+        """With rollout: [num_layers, seq, seq] float32; entry l is the rollout
+        through layers 0..l, row i sums to 1.
+        """
+
     def __init__(
         self,
         *,
@@ -440,10 +548,15 @@ class SequenceResult(_message.Message):
         attention: Global___Tensor | None = ...,
         hidden_states: Global___Tensor | None = ...,
         pairs: _abc.Iterable[Global___HeadPairs] | None = ...,
+        words: _abc.Iterable[Global___Word] | None = ...,
+        word_attention: Global___Tensor | None = ...,
+        word_pairs: _abc.Iterable[Global___HeadPairs] | None = ...,
+        head_statistics: _abc.Iterable[Global___Head] | None = ...,
+        rollout: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "hidden_states", b"hidden_states"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "hidden_states", b"hidden_states", "rollout", b"rollout", "word_attention", b"word_attention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "heads", b"heads", "hidden_states", b"hidden_states", "id", b"id", "index", b"index", "layers", b"layers", "pairs", b"pairs", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "head_statistics", b"head_statistics", "heads", b"heads", "hidden_states", b"hidden_states", "id", b"id", "index", b"index", "layers", b"layers", "pairs", b"pairs", "rollout", b"rollout", "tokens", b"tokens", "word_attention", b"word_attention", "word_pairs", b"word_pairs", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
