@@ -22,13 +22,18 @@ from .errors import AttentionError
 from .results import AnalyzeResult, ModelInfo
 
 
-def format_pairs(result: AnalyzeResult) -> str:
-    """The table a person reads: layer, head, from token, to token, strength."""
-    rows = result.pair_rows()
+def format_pairs(result: AnalyzeResult, roles: dict[tuple[int, int], str] | None = None,
+                 words: bool = False) -> str:
+    """The table a person reads: layer, head, (role,) from token or word, to, strength."""
+    rows = result.word_pair_rows() if words else result.pair_rows()
+    roles = roles or {}
     width = max([len("from"), *(max(len(f), len(t)) for _, _, f, t, _ in rows)]) if rows else 4
-    lines = [f"{'layer':>5}  {'head':>4}  {'from':<{width}}  {'to':<{width}}  {'strength':>8}"]
+    rw = max([len("role"), *(len(r) for r in roles.values())]) if roles else 0
+    role_head = f"  {'role':<{rw}}" if roles else ""
+    lines = [f"{'layer':>5}  {'head':>4}{role_head}  {'from':<{width}}  {'to':<{width}}  {'strength':>8}"]
     for layer, head, frm, to, strength in rows:
-        lines.append(f"{layer:>5}  {head:>4}  {frm:<{width}}  {to:<{width}}  {strength * 100:>7.1f}%")
+        role = f"  {roles.get((layer, head), '-'):<{rw}}" if roles else ""
+        lines.append(f"{layer:>5}  {head:>4}{role}  {frm:<{width}}  {to:<{width}}  {strength * 100:>7.1f}%")
     return "\n".join(lines)
 
 
@@ -87,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--include-special", action="store_true",
                          help="keep pairs with [CLS]/[SEP] in the table (left out by default: they dominate)")
     analyze.add_argument("--float16", action="store_true", help="ask for float16 attention")
+    analyze.add_argument("--words", action="store_true", help="word-level pairs (split words joined)")
     analyze.add_argument("--json", type=Path, help="write the full result as JSON")
     analyze.add_argument("--npz", type=Path, help="write tokens, attention and hidden states as .npz")
 
@@ -107,18 +113,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{info.name}: {len(info.heads)} heads")
                 for h in info.heads:
                     stats = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.statistics.items()))
-                    print(f"  layer {h.layer:>2} head {h.index:>2}  {h.role or '-'}  {stats}".rstrip())
+                    print(f"  layer {h.layer:>2} head {h.index:>2}  {h.role or '-':<14} {h.family or '-':<18} "
+                          f"{stats}".rstrip())
             else:
                 full = bool(args.json or args.npz)
                 results = client.analyze(
                     args.texts, model=args.model, layers=args.layers, heads=args.heads, top_k=args.top_k,
                     min_strength=args.min_strength, exclude_special_tokens=not args.include_special,
                     attention=full, hidden_states=full, attention_dtype="float16" if args.float16 else "float32",
+                    word_level=args.words,
                 )
+                info = client.get_model(args.model)
+                roles = {(h.layer, h.index): h.role for h in info.heads if h.role}
                 for text, result in zip(args.texts, results, strict=True):
                     if len(results) > 1:
                         print(f"# {text}")
-                    print(format_pairs(result))
+                    print(format_pairs(result, roles, words=args.words))
                 if not args.include_special:
                     print("(pairs with special tokens left out; --include-special shows them)")
                 if args.json:

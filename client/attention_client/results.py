@@ -57,6 +57,8 @@ class Head:
     index: int
     role: str = ""
     statistics: dict[str, float] = field(default_factory=dict)
+    family: str = ""
+    role_score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,6 @@ class ModelInfo:
             output_names=list(msg.output_names),
             opset=msg.opset,
             sha256=msg.sha256,
-            heads=[Head(h.layer, h.index, h.role, dict(h.statistics)) for h in msg.heads],
+            heads=[Head(h.layer, h.index, h.role, dict(h.statistics), h.family, h.role_score) for h in msg.heads],
             max_batch_size=msg.max_batch_size,
         )

@@ -201,7 +201,11 @@ def export(source: Path, repository: Path, name: str, origin: str, tolerance: fl
             shutil.rmtree(target)
         repository.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), str(target))
-    log.info("exported %s to %s in %.1f s (max abs diff %.2g)", name, target, time.perf_counter() - started, worst)
+    from .runtime.repository import load_model
+
+    roles = load_model(target).roles  # computes and stores roles.json from the probe corpus
+    log.info("exported %s to %s in %.1f s (max abs diff %.2g); head roles: %s", name, target,
+             time.perf_counter() - started, worst, ", ".join(sorted({r.role for r in roles})))
     return target
 
 

@@ -83,3 +83,32 @@ def test_views_without_matrices_and_bad_fusion(server, client):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.rollout" in err.value.details()
     with pytest.raises(AttentionError):
         client.analyze("")
+
+
+def test_model_heads_carry_roles_from_the_probe_corpus(client):
+    from attention_server.runtime.roles import FAMILY, RULES
+
+    info = client.get_model()
+    assert len(info.heads) == 72 and all(h.role in FAMILY for h in info.heads)
+    deciding = {role: stat for role, stat, _, _ in RULES}
+    for h in info.heads:
+        assert h.family == FAMILY[h.role]
+        stat = deciding.get(h.role, "entropy_relative")
+        assert h.role_score == pytest.approx(h.statistics[stat], abs=1e-4)
+    roles = {(h.layer, h.index): h.role for h in info.heads}
+    assert roles[(0, 2)] == "previous_token"  # measured on this model, as in the per-sentence statistics
+
+
+def test_cli_prints_word_pairs_with_roles(server):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "attention_client.cli", "--target", server.target, "analyze",
+                           SENTENCE, "--words", "--top-k", "1", "--layers", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["layer", "head", "role", "from", "to", "strength"]
+    rows = [line.split() for line in lines[1:13]]
+    assert rows[2][:3] == ["0", "2", "previous_token"]
+    assert "transformer" in done.stdout and "##er" not in done.stdout

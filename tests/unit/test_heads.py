@@ -89,3 +89,16 @@ def test_rollout_rows_sum_to_one(fusion):
 def test_rollout_rejects_unknown_fusion():
     with pytest.raises(ValueError, match="fusion"):
         rollout(np.ones((1, 1, 2, 2)) / 2, "median")
+
+
+def test_role_rules_first_match_and_families():
+    from attention_server.runtime.roles import FAMILY, label
+
+    base = dict.fromkeys(STATISTICS, 0.0) | {"entropy_relative": 0.5, "mean_distance": 5.0}
+    assert label(base | {"to_previous": 0.9, "to_sep": 0.9}) == ("previous_token", 0.9)
+    assert label(base | {"to_sep": 0.6}) == ("broadcast_sep", 0.6)
+    assert label(base | {"entropy_relative": 0.8}) == ("broad", 0.8)
+    assert label(base | {"mean_distance": 1.5}) == ("local", 1.5)
+    assert label(base) == ("content", 0.5)
+    assert {FAMILY[r] for r in ("previous_token", "local")} == {"positional"}
+    assert FAMILY["content"] == "syntactic/semantic" and FAMILY["broad"] == "global"

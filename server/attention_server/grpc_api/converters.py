@@ -11,6 +11,7 @@ from ..errors import InvalidArgument
 from ..runtime.engine import Limits
 from ..runtime.heads import STATISTICS
 from ..runtime.repository import ModelMetadata
+from ..runtime.roles import HeadRole
 from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, PairTable, SequenceInput, SequenceOutput
 
 SEQUENCE_RESULT_ATTENTION = pb.SequenceResult.DESCRIPTOR.fields_by_name["attention"].number
@@ -238,7 +239,7 @@ def parts_size(parts: Parts) -> int:
     return _parts_size(parts)
 
 
-def model_info_to_pb(meta: ModelMetadata, limits: Limits) -> pb.ModelInfo:
+def model_info_to_pb(meta: ModelMetadata, limits: Limits, roles: list[HeadRole] | None = None) -> pb.ModelInfo:
     info = pb.ModelInfo(
         name=meta.name,
         source=meta.source,
@@ -256,7 +257,13 @@ def model_info_to_pb(meta: ModelMetadata, limits: Limits) -> pb.ModelInfo:
     )
     for name, token in sorted(meta.special_tokens.items()):
         info.special_tokens.add(name=name, text=token["text"], id=int(token["id"]))
+    by_head = {(r.layer, r.head): r for r in roles or []}
     for layer in range(meta.num_layers):
         for head in range(meta.num_heads):
-            info.heads.add(layer=layer, index=head)
+            role = by_head.get((layer, head))
+            if role is None:
+                info.heads.add(layer=layer, index=head)
+            else:
+                info.heads.add(layer=layer, index=head, role=role.role, family=role.family, role_score=role.score,
+                               statistics=role.statistics)
     return info

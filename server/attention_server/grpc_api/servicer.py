@@ -55,14 +55,14 @@ class AttentionServicer:
     ) -> pb.ListModelsResponse:
         repo = self.engine.repository
         return pb.ListModelsResponse(
-            models=[converters.model_info_to_pb(m.metadata, self.engine.limits) for m in repo],
+            models=[converters.model_info_to_pb(m.metadata, self.engine.limits, m.roles) for m in repo],
             default_model=repo.default_model,
         )
 
     @unary
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         model = self.engine.repository.get(request.name)
-        return converters.model_info_to_pb(model.metadata, self.engine.limits)
+        return converters.model_info_to_pb(model.metadata, self.engine.limits, model.roles)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method table; Analyze* responses are pre-encoded bytes."""

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError, ModelNotFound
 from .onnx_model import OnnxModel
+from .roles import HeadRole, load_or_compute
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class LoadedModel:
     tokenizer: TextTokenizer
     runtime: OnnxModel
     path: Path
+    roles: list[HeadRole] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -85,9 +87,10 @@ def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = 
     tokenizer = TextTokenizer(folder / metadata.tokenizer_file, metadata)
     runtime = OnnxModel(onnx_path, metadata.inputs, metadata.outputs, intra_op_threads=intra_op_threads,
                         instances=instances)
+    roles = load_or_compute(folder, runtime, tokenizer, metadata)
     log.info("loaded model %s (%d layers x %d heads) from %s", metadata.name, metadata.num_layers,
              metadata.num_heads, folder)
-    return LoadedModel(metadata, tokenizer, runtime, folder)
+    return LoadedModel(metadata, tokenizer, runtime, folder, roles)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61ttention/v1/attention.proto\x12\x0c\x61ttention.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.attention.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\")\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x10\n\x08type_ids\x18\x02 \x03(\x03\"o\n\x08Sequence\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.attention.v1.TokenIdsH\x00\x12\x11\n\ttext_pair\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\tB\x07\n\x05input\"\xe3\x02\n\x0e\x41nalyzeOptions\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12/\n\x0f\x61ttention_dtype\x18\x03 \x01(\x0e\x32\x16.attention.v1.DataType\x12\x16\n\tattention\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rhidden_states\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x0cmin_strength\x18\x07 \x01(\x02\x12\x1e\n\x16\x65xclude_special_tokens\x18\x08 \x01(\x08\x12\x12\n\nword_level\x18\t \x01(\x08\x12\x17\n\x0fhead_statistics\x18\n \x01(\x08\x12,\n\x07rollout\x18\x0b \x01(\x0e\x32\x1b.attention.v1.RolloutFusionB\x0c\n\n_attentionB\x10\n\x0e_hidden_statesB\x08\n\x06_top_k\"z\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12\x11\n\tend_token\x18\x05 \x01(\x05\x12\x0f\n\x07special\x18\x06 \x01(\x08\x12\x0f\n\x07segment\x18\x07 \x01(\x05\"y\n\x0e\x41nalyzeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.attention.v1.Sequence\x12-\n\x07options\x18\x03 \x01(\x0b\x32\x1c.attention.v1.AnalyzeOptions\"s\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x12\n\nword_index\x18\x05 \x01(\x05\x12\x0f\n\x07special\x18\x06 \x01(\x08\x12\x0f\n\x07segment\x18\x07 \x01(\x05\"\x9d\x01\n\x04Head\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x36\n\nstatistics\x18\x04 \x03(\x0b\x32\".attention.v1.Head.StatisticsEntry\x1a\x31\n\x0fStatisticsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"F\n\x0cPairStrength\x12\x12\n\nfrom_index\x18\x01 \x01(\x05\x12\x10\n\x08to_index\x18\x02 \x01(\x05\x12\x10\n\x08strength\x18\x03 \x01(\x02\"X\n\tHeadPairs\x12 \n\x04head\x18\x01 \x01(\x0b\x32\x12.attention.v1.Head\x12)\n\x05pairs\x18\x02 \x03(\x0b\x32\x1a.attention.v1.PairStrength\"\xbf\x03\n\x0eSequenceResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12#\n\x06tokens\x18\x03 \x03(\x0b\x32\x13.attention.v1.Token\x12\x0e\n\x06layers\x18\x04 \x03(\x05\x12\r\n\x05heads\x18\x05 \x03(\x05\x12\'\n\tattention\x18\x06 \x01(\x0b\x32\x14.attention.v1.Tensor\x12+\n\rhidden_states\x18\x07 \x01(\x0b\x32\x14.attention.v1.Tensor\x12&\n\x05pairs\x18\x08 \x03(\x0b\x32\x17.attention.v1.HeadPairs\x12!\n\x05words\x18\t \x03(\x0b\x32\x12.attention.v1.Word\x12,\n\x0eword_attention\x18\n \x01(\x0b\x32\x14.attention.v1.Tensor\x12+\n\nword_pairs\x18\x0b \x03(\x0b\x32\x17.attention.v1.HeadPairs\x12+\n\x0fhead_statistics\x18\x0c \x03(\x0b\x32\x12.attention.v1.Head\x12%\n\x07rollout\x18\r \x01(\x0b\x32\x14.attention.v1.Tensor\"O\n\x0f\x41nalyzeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.attention.v1.SequenceResult\"\x13\n\x11ListModelsRequest\"T\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.attention.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x0cSpecialToken\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\x03\"\xdf\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x15\n\rmax_positions\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x32\n\x0especial_tokens\x18\t \x03(\x0b\x32\x1a.attention.v1.SpecialToken\x12\x13\n\x0binput_names\x18\n \x03(\t\x12\x14\n\x0coutput_names\x18\x0b \x03(\t\x12\r\n\x05opset\x18\x0c \x01(\x05\x12\x0e\n\x06sha256\x18\r \x01(\t\x12!\n\x05heads\x18\x0e \x03(\x0b\x32\x12.attention.v1.Head\x12\x16\n\x0emax_batch_size\x18\x0f \x01(\x05*}\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04*U\n\rRolloutFusion\x12\x10\n\x0cROLLOUT_NONE\x10\x00\x12\x10\n\x0cROLLOUT_MEAN\x10\x01\x12\x0f\n\x0bROLLOUT_MAX\x10\x02\x12\x0f\n\x0bROLLOUT_MIN\x10\x03\x32\xbe\x02\n\x10\x41ttentionService\x12\x46\n\x07\x41nalyze\x12\x1c.attention.v1.AnalyzeRequest\x1a\x1d.attention.v1.AnalyzeResponse\x12M\n\rAnalyzeStream\x12\x1c.attention.v1.AnalyzeRequest\x1a\x1c.attention.v1.SequenceResult0\x01\x12O\n\nListModels\x12\x1f.attention.v1.ListModelsRequest\x1a .attention.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.attention.v1.GetModelRequest\x1a\x17.attention.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61ttention/v1/attention.proto\x12\x0c\x61ttention.v1\"L\n\x06Tensor\x12%\n\x05\x64type\x18\x01 \x01(\x0e\x32\x16.attention.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\")\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x10\n\x08type_ids\x18\x02 \x03(\x03\"o\n\x08Sequence\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.attention.v1.TokenIdsH\x00\x12\x11\n\ttext_pair\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\tB\x07\n\x05input\"\xe3\x02\n\x0e\x41nalyzeOptions\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\r\n\x05heads\x18\x02 \x03(\x05\x12/\n\x0f\x61ttention_dtype\x18\x03 \x01(\x0e\x32\x16.attention.v1.DataType\x12\x16\n\tattention\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rhidden_states\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\x0cmin_strength\x18\x07 \x01(\x02\x12\x1e\n\x16\x65xclude_special_tokens\x18\x08 \x01(\x08\x12\x12\n\nword_level\x18\t \x01(\x08\x12\x17\n\x0fhead_statistics\x18\n \x01(\x08\x12,\n\x07rollout\x18\x0b \x01(\x0e\x32\x1b.attention.v1.RolloutFusionB\x0c\n\n_attentionB\x10\n\x0e_hidden_statesB\x08\n\x06_top_k\"z\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12\x11\n\tend_token\x18\x05 \x01(\x05\x12\x0f\n\x07special\x18\x06 \x01(\x08\x12\x0f\n\x07segment\x18\x07 \x01(\x05\"y\n\x0e\x41nalyzeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\tsequences\x18\x02 \x03(\x0b\x32\x16.attention.v1.Sequence\x12-\n\x07options\x18\x03 \x01(\x0b\x32\x1c.attention.v1.AnalyzeOptions\"s\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x12\n\nword_index\x18\x05 \x01(\x05\x12\x0f\n\x07special\x18\x06 \x01(\x08\x12\x0f\n\x07segment\x18\x07 \x01(\x05\"\xc1\x01\n\x04Head\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x36\n\nstatistics\x18\x04 \x03(\x0b\x32\".attention.v1.Head.StatisticsEntry\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12\x12\n\nrole_score\x18\x06 \x01(\x02\x1a\x31\n\x0fStatisticsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"F\n\x0cPairStrength\x12\x12\n\nfrom_index\x18\x01 \x01(\x05\x12\x10\n\x08to_index\x18\x02 \x01(\x05\x12\x10\n\x08strength\x18\x03 \x01(\x02\"X\n\tHeadPairs\x12 \n\x04head\x18\x01 \x01(\x0b\x32\x12.attention.v1.Head\x12)\n\x05pairs\x18\x02 \x03(\x0b\x32\x1a.attention.v1.PairStrength\"\xbf\x03\n\x0eSequenceResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12#\n\x06tokens\x18\x03 \x03(\x0b\x32\x13.attention.v1.Token\x12\x0e\n\x06layers\x18\x04 \x03(\x05\x12\r\n\x05heads\x18\x05 \x03(\x05\x12\'\n\tattention\x18\x06 \x01(\x0b\x32\x14.attention.v1.Tensor\x12+\n\rhidden_states\x18\x07 \x01(\x0b\x32\x14.attention.v1.Tensor\x12&\n\x05pairs\x18\x08 \x03(\x0b\x32\x17.attention.v1.HeadPairs\x12!\n\x05words\x18\t \x03(\x0b\x32\x12.attention.v1.Word\x12,\n\x0eword_attention\x18\n \x01(\x0b\x32\x14.attention.v1.Tensor\x12+\n\nword_pairs\x18\x0b \x03(\x0b\x32\x17.attention.v1.HeadPairs\x12+\n\x0fhead_statistics\x18\x0c \x03(\x0b\x32\x12.attention.v1.Head\x12%\n\x07rollout\x18\r \x01(\x0b\x32\x14.attention.v1.Tensor\"O\n\x0f\x41nalyzeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.attention.v1.SequenceResult\"\x13\n\x11ListModelsRequest\"T\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.attention.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x0cSpecialToken\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\x03\"\xdf\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x15\n\rmax_positions\x18\x07 \x01(\x05\x12\x12\n\nvocab_size\x18\x08 \x01(\x05\x12\x32\n\x0especial_tokens\x18\t \x03(\x0b\x32\x1a.attention.v1.SpecialToken\x12\x13\n\x0binput_names\x18\n \x03(\t\x12\x14\n\x0coutput_names\x18\x0b \x03(\t\x12\r\n\x05opset\x18\x0c \x01(\x05\x12\x0e\n\x06sha256\x18\r \x01(\t\x12!\n\x05heads\x18\x0e \x03(\x0b\x32\x12.attention.v1.Head\x12\x16\n\x0emax_batch_size\x18\x0f \x01(\x05*}\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04*U\n\rRolloutFusion\x12\x10\n\x0cROLLOUT_NONE\x10\x00\x12\x10\n\x0cROLLOUT_MEAN\x10\x01\x12\x0f\n\x0bROLLOUT_MAX\x10\x02\x12\x0f\n\x0bROLLOUT_MIN\x10\x03\x32\xbe\x02\n\x10\x41ttentionService\x12\x46\n\x07\x41nalyze\x12\x1c.attention.v1.AnalyzeRequest\x1a\x1d.attention.v1.AnalyzeResponse\x12M\n\rAnalyzeStream\x12\x1c.attention.v1.AnalyzeRequest\x1a\x1c.attention.v1.SequenceResult0\x01\x12O\n\nListModels\x12\x1f.attention.v1.ListModelsRequest\x1a .attention.v1.ListModelsResponse\x12\x42\n\x08GetModel\x12\x1d.attention.v1.GetModelRequest\x1a\x17.attention.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEAD_STATISTICSENTRY']._loaded_options = None
   _globals['_HEAD_STATISTICSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=2405
-  _globals['_DATATYPE']._serialized_end=2530
-  _globals['_ROLLOUTFUSION']._serialized_start=2532
-  _globals['_ROLLOUTFUSION']._serialized_end=2617
+  _globals['_DATATYPE']._serialized_start=2441
+  _globals['_DATATYPE']._serialized_end=2566
+  _globals['_ROLLOUTFUSION']._serialized_start=2568
+  _globals['_ROLLOUTFUSION']._serialized_end=2653
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=122
   _globals['_TOKENIDS']._serialized_start=124
@@ -53,27 +53,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKEN']._serialized_start=885
   _globals['_TOKEN']._serialized_end=1000
   _globals['_HEAD']._serialized_start=1003
-  _globals['_HEAD']._serialized_end=1160
-  _globals['_HEAD_STATISTICSENTRY']._serialized_start=1111
-  _globals['_HEAD_STATISTICSENTRY']._serialized_end=1160
-  _globals['_PAIRSTRENGTH']._serialized_start=1162
-  _globals['_PAIRSTRENGTH']._serialized_end=1232
-  _globals['_HEADPAIRS']._serialized_start=1234
-  _globals['_HEADPAIRS']._serialized_end=1322
-  _globals['_SEQUENCERESULT']._serialized_start=1325
-  _globals['_SEQUENCERESULT']._serialized_end=1772
-  _globals['_ANALYZERESPONSE']._serialized_start=1774
-  _globals['_ANALYZERESPONSE']._serialized_end=1853
-  _globals['_LISTMODELSREQUEST']._serialized_start=1855
-  _globals['_LISTMODELSREQUEST']._serialized_end=1874
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1876
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1960
-  _globals['_GETMODELREQUEST']._serialized_start=1962
-  _globals['_GETMODELREQUEST']._serialized_end=1993
-  _globals['_SPECIALTOKEN']._serialized_start=1995
-  _globals['_SPECIALTOKEN']._serialized_end=2049
-  _globals['_MODELINFO']._serialized_start=2052
-  _globals['_MODELINFO']._serialized_end=2403
-  _globals['_ATTENTIONSERVICE']._serialized_start=2620
-  _globals['_ATTENTIONSERVICE']._serialized_end=2938
+  _globals['_HEAD']._serialized_end=1196
+  _globals['_HEAD_STATISTICSENTRY']._serialized_start=1147
+  _globals['_HEAD_STATISTICSENTRY']._serialized_end=1196
+  _globals['_PAIRSTRENGTH']._serialized_start=1198
+  _globals['_PAIRSTRENGTH']._serialized_end=1268
+  _globals['_HEADPAIRS']._serialized_start=1270
+  _globals['_HEADPAIRS']._serialized_end=1358
+  _globals['_SEQUENCERESULT']._serialized_start=1361
+  _globals['_SEQUENCERESULT']._serialized_end=1808
+  _globals['_ANALYZERESPONSE']._serialized_start=1810
+  _globals['_ANALYZERESPONSE']._serialized_end=1889
+  _globals['_LISTMODELSREQUEST']._serialized_start=1891
+  _globals['_LISTMODELSREQUEST']._serialized_end=1910
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1912
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1996
+  _globals['_GETMODELREQUEST']._serialized_start=1998
+  _globals['_GETMODELREQUEST']._serialized_end=2029
+  _globals['_SPECIALTOKEN']._serialized_start=2031
+  _globals['_SPECIALTOKEN']._serialized_end=2085
+  _globals['_MODELINFO']._serialized_start=2088
+  _globals['_MODELINFO']._serialized_end=2439
+  _globals['_ATTENTIONSERVICE']._serialized_start=2656
+  _globals['_ATTENTIONSERVICE']._serialized_end=2974
 # @@protoc_insertion_point(module_scope)

@@ -394,13 +394,21 @@ class Head(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     STATISTICS_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    ROLE_SCORE_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     index: _builtins.int
     role: _builtins.str
-    """What the head mostly does (filled when known; e.g. "previous_token")."""
+    """What the head mostly does, from a probe corpus (GetModel): previous_token,
+    next_token, self, broadcast_sep, broadcast_cls, broad, local or content.
+    """
+    family: _builtins.str
+    """positional, global or syntactic/semantic (GetModel)."""
+    role_score: _builtins.float
+    """The statistic that decided the role (GetModel)."""
     @_builtins.property
     def statistics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Named statistics behind the role."""
+        """Named statistics: behind the role (GetModel) or of one sequence (Analyze)."""
 
     def __init__(
         self,
@@ -409,10 +417,12 @@ class Head(_message.Message):
         index: _builtins.int = ...,
         role: _builtins.str = ...,
         statistics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        family: _builtins.str = ...,
+        role_score: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "layer", b"layer", "role", b"role", "statistics", b"statistics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "index", b"index", "layer", b"layer", "role", b"role", "role_score", b"role_score", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
