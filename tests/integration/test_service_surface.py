@@ -79,12 +79,14 @@ def test_cli_prints_the_pair_table(server, client):
     done = _cli(server, "analyze", SENTENCE, "--top-k", "2", "--layers", "2")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["layer", "head", "from", "to", "strength"]
+    assert lines[0].split() == ["layer", "head", "role", "from", "to", "strength"]
     rows = [line.split() for line in lines[1:] if line and line[0] == " "]
     assert len(rows) == 12 * 2 and {r[0] for r in rows} == {"2"}
     expected = client.analyze(SENTENCE, top_k=2, layers=[2], exclude_special_tokens=True)
+    roles = {(h.layer, h.index): h.role for h in client.get_model().heads}
     first = expected.pair_rows()[0]
-    assert rows[0] == [str(first[0]), str(first[1]), first[2], first[3], f"{first[4] * 100:.1f}%"]
+    assert rows[0] == [str(first[0]), str(first[1]), roles[(first[0], first[1])], first[2], first[3],
+                       f"{first[4] * 100:.1f}%"]
     assert "[CLS]" not in done.stdout.split("(pairs")[0]
 
 
