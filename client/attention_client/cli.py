@@ -96,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--json", type=Path, help="write the full result as JSON")
     analyze.add_argument("--npz", type=Path, help="write tokens, attention and hidden states as .npz")
 
+    analyze.add_argument("--html", type=Path, help="write an interactive head view (offline HTML)")
+
+    explore = sub.add_parser("explore", help="a local web page to explore heads interactively")
+    explore.add_argument("--model", default="")
+    explore.add_argument("--host", default="127.0.0.1")
+    explore.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+
     sub.add_parser("models", help="list the served models")
     heads = sub.add_parser("heads", help="list a model's heads")
     heads.add_argument("model", nargs="?", default="")
@@ -106,7 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with AttentionClient(args.target, timeout=args.timeout) as client:
-            if args.command == "models":
+            if args.command == "explore":
+                from .explore import Explorer
+
+                httpd = Explorer(client, args.model).server(args.host, args.port)
+                print(f"explorer on http://{args.host}:{httpd.server_port}/ (Ctrl-C stops it)", flush=True)
+                try:
+                    httpd.serve_forever()
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    httpd.server_close()
+            elif args.command == "models":
                 print(format_models(client.list_models()))
             elif args.command == "heads":
                 info = client.get_model(args.model)
@@ -116,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  layer {h.layer:>2} head {h.index:>2}  {h.role or '-':<14} {h.family or '-':<18} "
                           f"{stats}".rstrip())
             else:
-                full = bool(args.json or args.npz)
+                full = bool(args.json or args.npz or args.html)
                 results = client.analyze(
                     args.texts, model=args.model, layers=args.layers, heads=args.heads, top_k=args.top_k,
                     min_strength=args.min_strength, exclude_special_tokens=not args.include_special,
                     attention=full, hidden_states=full, attention_dtype="float16" if args.float16 else "float32",
-                    word_level=args.words,
+                    word_level=args.words or bool(args.html), head_statistics=bool(args.html),
                 )
                 info = client.get_model(args.model)
                 roles = {(h.layer, h.index): h.role for h in info.heads if h.role}
@@ -135,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                     args.json.write_text(json.dumps([result_to_json(r) for r in results]))
                 if args.npz:
                     save_npz(results, args.npz)
+                if args.html:
+                    from .viz import head_view_html
+
+                    head_view_html(results[0], info, args.html)
     except AttentionError as exc:
         print(f"attention-client: {exc}", file=sys.stderr)
         return 1
