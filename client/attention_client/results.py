@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,11 @@ class Head:
     role_score: float = 0.0
 
 
+def _head_pairs(messages: Iterable[pb.HeadPairs]) -> list[HeadPairs]:
+    return [HeadPairs(hp.head.layer, hp.head.index, [Pair(p.from_index, p.to_index, p.strength) for p in hp.pairs])
+            for hp in messages]
+
+
 @dataclass(frozen=True)
 class AnalyzeResult:
     """One sequence's result. `attention` is [len(layers), len(heads), seq, seq]
@@ -98,10 +104,7 @@ class AnalyzeResult:
     @functools.cached_property
     def pairs(self) -> list[HeadPairs]:
         """Per selected head, layer-major: its strongest pairs, strongest first."""
-        return [
-            HeadPairs(hp.head.layer, hp.head.index, [Pair(p.from_index, p.to_index, p.strength) for p in hp.pairs])
-            for hp in self._msg.pairs
-        ]
+        return _head_pairs(self._msg.pairs)
 
     @functools.cached_property
     def words(self) -> list[Word]:
@@ -112,10 +115,7 @@ class AnalyzeResult:
     @functools.cached_property
     def word_pairs(self) -> list[HeadPairs]:
         """Per selected head, its strongest word pairs (indices into `words`)."""
-        return [
-            HeadPairs(hp.head.layer, hp.head.index, [Pair(p.from_index, p.to_index, p.strength) for p in hp.pairs])
-            for hp in self._msg.word_pairs
-        ]
+        return _head_pairs(self._msg.word_pairs)
 
     @functools.cached_property
     def head_statistics(self) -> list[Head]:
