@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 INLINE_POST_BYTES = 4 << 20
 # A batch may waste at most this share of padded tokens (plus a small allowance:
 # for short sequences a run's fixed cost outweighs the padding).
-PADDING_WASTE = 0.5
-PADDING_ALLOWANCE = 128
+PADDING_WASTE = 0.2
+PADDING_ALLOWANCE = 64
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Batcher:
         self._queued_tokens = 0
         self._instances = model.runtime.instances
         self._compute = ThreadPoolExecutor(max_workers=self._instances, thread_name_prefix=f"onnx-{model.name}")
-        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"post-{model.name}")
+        self._post = ThreadPoolExecutor(max_workers=self._instances, thread_name_prefix=f"post-{model.name}")
         self._narrow_running = 0
         self._wide_running = False
         self._wakeup = asyncio.Event()
