@@ -285,16 +285,15 @@ def encode_response(request: kpb.ModelInferRequest, meta: ModelMetadata, names: 
             array = np.array([len(r.tokens) for r in results], dtype=np.int64)
         elif name == "tokens":
             texts = [[t.encode() for t in r.tokens.texts] + [b""] * (length - len(r.tokens)) for r in results]
-            out = response.outputs.add(name=name, datatype="BYTES", shape=[len(results), length])
+            response.outputs.add(name=name, datatype="BYTES", shape=[len(results), length])
             response.raw_output_contents.append(encode_bytes([t for row in texts for t in row]))
             continue
         else:
             array = _pairs(results, name, top_k or 0)
         datatype = next(k for k, v in NUMPY.items() if v == array.dtype.newbyteorder("<") and k != "BOOL")
-        out = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
                                             .tobytes())
-    del out
     return response
 
 
