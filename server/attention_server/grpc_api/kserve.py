@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
 VERSION = "1"
+INLINE_ENCODE_BYTES = 1 << 20
 
 
 def _duration(d: Duration) -> kpb.StatisticDuration:
@@ -99,7 +100,11 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             message = message.replace("sequences[", "input row [").replace("options.", "parameter ")
             raise InvalidArgument("inputs", message) from None
         results = await self.engine.analyze(plan, timeout)
-        return codec.encode_response(request, meta, names, results, options.top_k)
+        size = sum(plan.sequence_bytes(i) for i in range(len(results)))
+        if size <= INLINE_ENCODE_BYTES:
+            return codec.encode_response(request, meta, names, results, options.top_k)
+        # Padding and copying multi-MB outputs stays off the event loop.
+        return await asyncio.to_thread(codec.encode_response, request, meta, names, results, options.top_k)
 
     @unary
     async def ModelInfer(self, request: kpb.ModelInferRequest,
