@@ -10,10 +10,15 @@ import grpc
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 from ._request import SequenceLike, build_request
+from ._wire import split_response, split_result
 from .errors import AttentionError
 from .results import AnalyzeResult, ModelInfo
 
 Metadata = Iterable[tuple[str, str]]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
+ANALYZE = f"/{_SERVICE}/Analyze"
+ANALYZE_STREAM = f"/{_SERVICE}/AnalyzeStream"
 
 # Responses carry full attention matrices: lift gRPC's 4 MB receive default.
 CHANNEL_OPTIONS = [
@@ -57,6 +62,11 @@ class AttentionClient(_CallDefaults):
             grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
         )
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
+        # Analyze responses are decoded without copying their tensors (see _wire).
+        self._analyze_raw = self._channel.unary_unary(
+            ANALYZE, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
+        self._stream_raw = self._channel.unary_stream(
+            ANALYZE_STREAM, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
         self.timeout = timeout
         self.metadata = tuple(metadata or ())
 
@@ -76,10 +86,10 @@ class AttentionClient(_CallDefaults):
         """
         request, single = build_request(sequences, **options)
         try:
-            response = self._stub.Analyze(request, **self._kw(timeout, metadata))
+            raw = self._analyze_raw(request, **self._kw(timeout, metadata))
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
-        results = [AnalyzeResult.from_pb(r) for r in response.results]
+        results = [AnalyzeResult.from_parts(m, t) for m, t in split_response(raw)]
         return results[0] if single else results
 
     def analyze_stream(
@@ -92,10 +102,10 @@ class AttentionClient(_CallDefaults):
     ) -> Iterator[AnalyzeResult]:
         """Like analyze, one result at a time in request order (AnalyzeStream)."""
         request, _ = build_request(sequences, **options)
-        call = self._stub.AnalyzeStream(request, **self._kw(timeout, metadata))
+        call = self._stream_raw(request, **self._kw(timeout, metadata))
         try:
-            for msg in call:
-                yield AnalyzeResult.from_pb(msg)
+            for raw in call:
+                yield AnalyzeResult.from_parts(*split_result(raw))
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
         finally:

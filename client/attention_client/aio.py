@@ -7,10 +7,11 @@ from typing import Any
 
 import grpc
 
-from ._client import CHANNEL_OPTIONS, Metadata, _CallDefaults
+from ._client import ANALYZE, ANALYZE_STREAM, CHANNEL_OPTIONS, Metadata, _CallDefaults
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 from ._request import SequenceLike, build_request
+from ._wire import split_response, split_result
 from .errors import AttentionError
 from .results import AnalyzeResult, ModelInfo
 
@@ -33,6 +34,11 @@ class AsyncAttentionClient(_CallDefaults):
             else grpc.aio.insecure_channel(target, opts)
         )
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
+        # Analyze responses are decoded without copying their tensors (see _wire).
+        self._analyze_raw = self._channel.unary_unary(
+            ANALYZE, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
+        self._stream_raw = self._channel.unary_stream(
+            ANALYZE_STREAM, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
         self.timeout = timeout
         self.metadata = tuple(metadata or ())
 
@@ -47,10 +53,10 @@ class AsyncAttentionClient(_CallDefaults):
         """See AttentionClient.analyze."""
         request, single = build_request(sequences, **options)
         try:
-            response = await self._stub.Analyze(request, **self._kw(timeout, metadata))
+            raw = await self._analyze_raw(request, **self._kw(timeout, metadata))
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
-        results = [AnalyzeResult.from_pb(r) for r in response.results]
+        results = [AnalyzeResult.from_parts(m, t) for m, t in split_response(raw)]
         return results[0] if single else results
 
     async def analyze_stream(
@@ -63,10 +69,10 @@ class AsyncAttentionClient(_CallDefaults):
     ) -> AsyncIterator[AnalyzeResult]:
         """See AttentionClient.analyze_stream."""
         request, _ = build_request(sequences, **options)
-        call = self._stub.AnalyzeStream(request, **self._kw(timeout, metadata))
+        call = self._stream_raw(request, **self._kw(timeout, metadata))
         try:
-            async for msg in call:
-                yield AnalyzeResult.from_pb(msg)
+            async for raw in call:
+                yield AnalyzeResult.from_parts(*split_result(raw))
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
         finally:

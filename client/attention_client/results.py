@@ -84,6 +84,21 @@ class AnalyzeResult:
     rollout: np.ndarray | None = None
 
     @classmethod
+    def from_parts(cls, msg: pb.SequenceResult, tensors: dict[str, np.ndarray]) -> AnalyzeResult:
+        """From a result whose tensors were decoded apart (see _wire)."""
+        return cls(
+            index=msg.index,
+            id=msg.id,
+            layers=list(msg.layers),
+            heads=list(msg.heads),
+            attention=tensors.get("attention"),
+            hidden_states=tensors.get("hidden_states"),
+            _msg=msg,
+            word_attention=tensors.get("word_attention"),
+            rollout=tensors.get("rollout"),
+        )
+
+    @classmethod
     def from_pb(cls, msg: pb.SequenceResult) -> AnalyzeResult:
         return cls(
             index=msg.index,
