@@ -98,8 +98,10 @@ def test_client_sdk_installs_and_works_without_server_dependencies(tmp_path, ser
         for heavy in ("onnxruntime", "torch", "transformers", "tokenizers", "attention_server", "grpc_tools"):
             assert importlib.util.find_spec(heavy) is None, heavy
         from attention_client import AttentionClient
+        from attention_client.viz import head_view_html
         with AttentionClient("{server.target}", timeout=60) as c:
             r = c.analyze("The cat sat.", top_k=1)
+            assert "The cat sat" not in head_view_html(r)[:200] and len(head_view_html(r)) > 5000
         names = sorted(d.metadata["Name"].lower() for d in distributions())
         print(json.dumps({{"shape": list(r.attention.shape), "packages": names}}))
     """)
