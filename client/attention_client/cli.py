@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except AttentionError as exc:
         print(f"attention-client: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
