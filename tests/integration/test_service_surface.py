@@ -34,6 +34,9 @@ def test_reflection_describes_the_api(server):
         desc = db.FindFileContainingSymbol("attention.v1.AttentionService")
         methods = {m.name for m in desc.service[0].method}
         assert methods == {"Analyze", "AnalyzeStream", "ListModels", "GetModel"}
+        assert "inference.GRPCInferenceService" in services
+        kserve = db.FindFileContainingSymbol("inference.GRPCInferenceService")
+        assert {"ModelInfer", "ModelStreamInfer", "ModelConfig"} <= {m.name for m in kserve.service[0].method}
 
 
 def test_model_metadata_and_heads(client):
