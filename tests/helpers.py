@@ -73,7 +73,22 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
         self.port = int(match.group(1))
+        # Drain stderr all along: a full pipe would block the server's logging.
+        self._stderr: list[str] = []
+        self._drain = threading.Thread(target=self._read_stderr, daemon=True)
+        self._drain.start()
         return self
+
+    def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    def stderr(self) -> str:
+        """What the server wrote to stderr so far (all of it once it has exited)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self._drain.join(10)
+        return "".join(self._stderr)
 
     @property
     def target(self) -> str:

@@ -74,7 +74,7 @@ def test_json_logs_carry_the_request_id_which_is_echoed_back():
             assert len(echoed) == 16  # a fresh id when the caller sends none
         proc.proc.terminate()
         proc.proc.wait(30)
-        records = [json.loads(line) for line in proc.proc.stderr.read().splitlines() if line.startswith("{")]
+        records = [json.loads(line) for line in proc.stderr().splitlines() if line.startswith("{")]
     assert records and all({"time", "level", "logger", "message", "request_id"} <= set(r) for r in records)
     mine = [r for r in records if r["request_id"] == "req-42"]
     assert mine and "INVALID_ARGUMENT" in mine[0]["message"] and "sequences" in mine[0]["message"]

@@ -26,7 +26,7 @@ def test_sigterm_drains_in_flight_calls_then_exits_cleanly():
         rest = list(stream)
         assert [r.index for r in [first, *rest]] == list(range(6))
         assert proc.proc.wait(60) == 0
-        err = proc.proc.stderr.read()
+        err = proc.stderr()
         assert "shutting down" in err and "stopped" in err
         with pytest.raises(AttentionError) as refused:
             client.analyze("after shutdown", timeout=5)
