@@ -93,7 +93,7 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         sequences = codec.decode_request(request, meta, self.engine.limits.max_batch_size)
         names, options = codec.requested_outputs(request, meta)
         try:
-            plan = self.engine.plan(model.name, sequences, options)
+            plan = await self.engine.plan_async(model.name, sequences, options)
         except InvalidArgument as exc:
             # Name the protocol's tensors rather than attention.v1's fields.
             message = exc.message.replace(".token_ids.ids", "").replace(".text", "")

@@ -26,14 +26,14 @@ class AttentionServicer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _plan(self, request: pb.AnalyzeRequest) -> Plan:
-        return self.engine.plan(
+    async def _plan(self, request: pb.AnalyzeRequest) -> Plan:
+        return await self.engine.plan_async(
             request.model, converters.sequences_from_pb(request), converters.options_from_pb(request.options)
         )
 
     @unary
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> bytes:
-        plan = self._plan(request)
+        plan = await self._plan(request)
         results = await self.engine.analyze(plan, context.time_remaining(), finish=converters.result_parts)
         parts = converters.analyze_response_parts(plan.model.name, results)
         if converters.parts_size(parts) <= INLINE_JOIN_BYTES:
@@ -44,7 +44,7 @@ class AttentionServicer:
     async def AnalyzeStream(
         self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        plan = self._plan(request)
+        plan = await self._plan(request)
         async for message in self.engine.analyze_stream(plan, context.time_remaining(),
                                                         finish=converters.encode_result):
             yield message

@@ -30,6 +30,8 @@ T = TypeVar("T")
 # Rough protobuf cost of one Token (fields, tags, short text) and one PairStrength.
 TOKEN_BYTES = 40
 PAIR_BYTES = 16
+# Requests with more characters (or ids) than this are validated and tokenized off the event loop.
+INLINE_PLAN_CHARS = 16384
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,14 @@ class Engine:
             raise InvalidArgument("options.min_strength", f"must be within [0, 1], got {options.min_strength}")
         tokens = [self._tokenize(model, i, seq) for i, seq in enumerate(inputs)]
         return Plan(model, inputs, tokens, options, layers, heads)
+
+    async def plan_async(self, model_name: str, inputs: list[SequenceInput], options: AnalyzeOptions) -> Plan:
+        """`plan`, in a worker thread when there is much to tokenize (a 64 x 512-token
+        batch takes ~20 ms: too long to hold the event loop)."""
+        size = sum(len(s.text or "") + len(s.text_pair or "") + len(s.token_ids or ()) for s in inputs)
+        if size <= INLINE_PLAN_CHARS:
+            return self.plan(model_name, inputs, options)
+        return await asyncio.to_thread(self.plan, model_name, inputs, options)
 
     def _tokenize(self, model: LoadedModel, i: int, seq: SequenceInput) -> Tokens:
         meta = model.metadata
