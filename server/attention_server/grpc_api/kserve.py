@@ -100,7 +100,7 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             message = message.replace("sequences[", "input row [").replace("options.", "parameter ")
             raise InvalidArgument("inputs", message) from None
         results = await self.engine.analyze(plan, timeout)
-        size = sum(plan.sequence_bytes(i) for i in range(len(results)))
+        size = sum(a.nbytes for r in results for a in (r.attention, r.hidden_states) if a is not None)
         if size <= INLINE_ENCODE_BYTES:
             return codec.encode_response(request, meta, names, results, options.top_k)
         # Padding and copying multi-MB outputs stays off the event loop.

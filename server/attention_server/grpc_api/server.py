@@ -90,7 +90,6 @@ def build_engine(settings: Settings, observer: BatchObserver | None = None) -> E
     )
     limits = Limits(
         max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
         max_response_bytes=settings.max_response_bytes,
     )
     batching = BatchConfig(

@@ -9,17 +9,18 @@ gets SequenceOutput back; errors are domain errors (errors.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..errors import InvalidArgument, ResourceExhausted, Unavailable
-from .batcher import BatchConfig, Batcher
+from .batcher import BatchConfig, Batcher, Job
 from .heads import FUSIONS
 from .repository import LoadedModel, ModelRepository
 from .stats import BatcherStats, BatchObserver
@@ -36,8 +37,9 @@ INLINE_PLAN_CHARS = 16384
 
 @dataclass(frozen=True)
 class Limits:
+    """Per-request limits (runtime batches have their own, in BatchConfig)."""
+
     max_batch_size: int = 64
-    max_batch_tokens: int = 16384
     max_response_bytes: int = 256 << 20
 
 
@@ -215,38 +217,37 @@ class Engine:
                 f"(max_response_bytes); {advice}ask for FLOAT16, fewer layers/heads, or top_k only"
             )
 
+    @contextlib.asynccontextmanager
+    async def _submitted(self, plan: Plan, timeout: float | None,
+                         finish: Callable[[SequenceOutput], Any] | None) -> AsyncIterator[list[Job]]:
+        """Queue every sequence of a plan; on exit drop what is still queued and
+        count the call as a success (the body finished) or a failure."""
+        batcher = self.batcher(plan.model)
+        started = time.perf_counter_ns()
+        jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
+        ok = False
+        try:
+            yield jobs
+            ok = True
+        finally:
+            batcher.discard(jobs)
+            (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
+
     async def analyze(self, plan: Plan, timeout: float | None = None,
                       finish: Callable[[SequenceOutput], T] | None = None) -> list[T]:
         """Every result of a plan in request order (after `finish`, which runs in
         the post-processing thread). `timeout` bounds the time spent queued."""
         self._check_size(plan, streaming=False)
-        batcher = self.batcher(plan.model)
-        started = time.perf_counter_ns()
-        jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
-        ok = False
-        try:
-            results = list(await asyncio.gather(*(j.future for j in jobs)))
-            ok = True
-            return results
-        finally:
-            batcher.discard(jobs)
-            (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
+        async with self._submitted(plan, timeout, finish) as jobs:
+            return list(await asyncio.gather(*(j.future for j in jobs)))
 
     async def analyze_stream(self, plan: Plan, timeout: float | None = None,
                              finish: Callable[[SequenceOutput], T] | None = None) -> AsyncIterator[T]:
         """Results one by one in request order, each as soon as it and those before it are ready."""
         self._check_size(plan, streaming=True)
-        batcher = self.batcher(plan.model)
-        started = time.perf_counter_ns()
-        jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
-        ok = False
-        try:
+        async with self._submitted(plan, timeout, finish) as jobs:
             for job in jobs:
                 yield await job.future
-            ok = True
-        finally:
-            batcher.discard(jobs)
-            (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
 
     def stop_accepting(self) -> None:
         """Refuse new work (shutdown); queued work still completes."""
