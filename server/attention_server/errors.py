@@ -16,6 +16,19 @@ class Code(enum.Enum):
     INTERNAL = "INTERNAL"
 
 
+# Caller values quoted in messages and logs are cut to this many characters.
+QUOTE_CHARS = 64
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """repr() of a caller's value, cut to a short prefix: error replies and logs
+    never echo unbounded input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ServiceError(Exception):
     """Base of every error the service reports to its callers on purpose."""
 
@@ -40,7 +53,7 @@ class ModelNotFound(ServiceError):
     code = Code.NOT_FOUND
 
     def __init__(self, name: str, available: list[str]) -> None:
-        super().__init__(f"model {name!r} not found; available: {', '.join(sorted(available)) or 'none'}")
+        super().__init__(f"model {quote(name)} not found; available: {', '.join(sorted(available)) or 'none'}")
         self.name = name
 
 

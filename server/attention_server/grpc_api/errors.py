@@ -1,13 +1,10 @@
-"""The one place where domain errors become gRPC status codes."""
+"""The one place where exceptions become gRPC statuses (used by the interceptor
+around every call)."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
 
 import grpc
 
@@ -25,45 +22,19 @@ STATUS = {
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
-T = TypeVar("T")
 
-
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a caller gets for an exception; unexpected ones are
+    logged with their traceback under an incident id, which is all the caller sees."""
     if isinstance(exc, ServiceError):
-        log.info("%s -> %s: %s", method, exc.code.value, exc.message)
-        await context.abort(STATUS[exc.code], exc.message)
+        log.info("-> %s: %s", exc.code.value, exc.message)
+        return STATUS[exc.code], exc.message
     incident = uuid.uuid4().hex[:12]
-    log.error("%s failed unexpectedly (incident %s)", method, incident, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the server log")
+    log.error("unexpected failure (incident %s)", incident, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the server log"
 
 
-def unary(fn: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map errors of a unary handler to statuses; never leak a stack trace."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            return await fn(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _abort_for(exc, context, fn.__name__)
-            raise AssertionError("unreachable") from exc
-
-    return wrapper
-
-
-def stream(fn: Callable[[Any, Any, grpc.aio.ServicerContext], AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
-    """Same as `unary` for server-streaming handlers."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
-        try:
-            async for item in fn(self, request, context):
-                yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the mapping point
-            await _abort_for(exc, context, fn.__name__)
-
-    return wrapper
+async def abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    """End the call with the status for `exc` (raises AbortError)."""
+    code, message = status_for(exc)
+    await context.abort(code, message)

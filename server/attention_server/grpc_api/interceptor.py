@@ -1,22 +1,42 @@
-"""One interceptor for every call: request id (from `x-request-id` metadata or
-new), in-flight gauge, per-code counts, latency, and the id echoed back in the
-trailing metadata."""
+"""The one interceptor around every call on the port (both protocols, health and
+reflection included):
+
+- parses the request itself (handlers are registered with their deserializer
+  and the interceptor calls it), so an undecodable message is INVALID_ARGUMENT
+  with a plain message and one WARNING line, never UNKNOWN with a class name;
+- maps every exception a handler raises to a status (errors.status_for): domain
+  errors keep their code, anything else is INTERNAL with an incident id;
+- gives the call a request id (a caller's `x-request-id` when it is of a safe
+  charset and length, else a new one), echoed in the trailing metadata;
+- counts calls in flight (for the drain on SIGTERM), per-code counts, latency.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from ..errors import InvalidArgument
 from ..logs import request_id
 from ..metrics import Metrics
+from .errors import abort_for
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID = "x-request-id"
+# What a caller's request id may look like; anything else is replaced (it ends up in logs).
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# Calls the drain does not wait for (probes keep answering while the server drains).
+UNTRACKED_SERVICES = ("grpc.health.v1.Health",)
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -24,9 +44,49 @@ def _split(method: str) -> tuple[str, str]:
     return service, name
 
 
+def caller_request_id(metadata: Any) -> str | None:
+    """The caller's x-request-id when it is safe to log and echo, else None."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID:
+            if isinstance(value, str) and SAFE_REQUEST_ID.fullmatch(value):
+                return value
+            return None
+    return None
+
+
+def _parser(deserialize: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        if deserialize is None:
+            return raw
+        try:
+            return deserialize(raw)
+        except (DecodeError, ValueError, TypeError, RuntimeError) as exc:
+            log.warning("%s: malformed request message (%d bytes, %s)", method, len(raw), type(exc).__name__)
+            raise InvalidArgument("request", f"not a valid {method} request message "
+                                  f"({len(raw)} bytes could not be decoded)") from None
+
+    return parse
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def active_calls(self) -> int:
+        """Calls in flight, health checks excepted."""
+        return self._active
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call (but health checks) is in flight; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -36,14 +96,19 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         service, method = _split(details.method)
-        given = dict(details.invocation_metadata or ()).get(REQUEST_ID)
+        tracked = service not in UNTRACKED_SERVICES
+        given = caller_request_id(details.invocation_metadata)
+        parse = _parser(handler.request_deserializer, method)
         metrics = self.metrics
 
         def begin(context: grpc.aio.ServicerContext) -> tuple[float, contextvars.Token[str]]:
-            rid = given if isinstance(given, str) and given else uuid.uuid4().hex[:16]
+            rid = given or uuid.uuid4().hex[:16]
             token = request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID, rid),))
             metrics.inflight.labels(service).inc()
+            if tracked:
+                self._active += 1
+                self._idle.clear()
             return time.perf_counter(), token
 
         def end(context: grpc.aio.ServicerContext, started: float, token: Any, failed: BaseException | None) -> None:
@@ -56,45 +121,66 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             metrics.requests.labels(service, method, name).inc()
             metrics.latency.labels(service, method).observe(time.perf_counter() - started)
             metrics.inflight.labels(service).dec()
+            if tracked:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.set()
             request_id.reset(token)
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
+        async def requests(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for message in raw:
+                yield parse(message)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def request_of(request: Any, streaming_in: bool) -> Any:
+            return requests(request) if streaming_in else parse(request)
+
+        def unary_out(inner: Callable[..., Awaitable[Any]], streaming_in: bool) -> Callable[..., Awaitable[Any]]:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started, token = begin(context)
-                failed = None
+                failed: BaseException | None = None
                 try:
-                    return await inner(request, context)
-                except BaseException as exc:
+                    return await inner(request_of(request, streaming_in), context)
+                except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
                     failed = exc
                     raise
+                except Exception as exc:
+                    failed = exc
+                    await abort_for(exc, context, method)
+                    raise AssertionError("unreachable") from exc
                 finally:
                     end(context, started, token, failed)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+            return call
 
-        def streaming(inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        def stream_out(inner: Callable[..., AsyncIterator[Any]], streaming_in: bool) -> Callable[..., Any]:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started, token = begin(context)
-                failed = None
+                failed: BaseException | None = None
                 try:
-                    async for item in inner(request, context):
+                    async for item in inner(request_of(request, streaming_in), context):
                         yield item
-                except BaseException as exc:
+                except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
                     failed = exc
                     raise
+                except Exception as exc:  # noqa: BLE001 - the one mapping point
+                    failed = exc
+                    await abort_for(exc, context, method)
                 finally:
                     end(context, started, token, failed)
 
-            return wrapper
+            return call
 
+        # Handlers get raw bytes from grpc (no deserializer) and parsed messages from us.
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary_out(handler.unary_unary, False), None,
+                                                       handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary_out(handler.stream_unary, True), None,
+                                                        handler.response_serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), handler.request_deserializer,
+            return grpc.unary_stream_rpc_method_handler(stream_out(handler.unary_stream, False), None,
                                                         handler.response_serializer)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream),
-                                                         handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(stream_out(handler.stream_stream, True), None,
+                                                         handler.response_serializer)
         return handler
-

@@ -18,7 +18,6 @@ from ..runtime.engine import Engine
 from ..runtime.repository import LoadedModel
 from ..runtime.stats import Duration
 from . import kserve_codec as codec
-from .errors import unary
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +47,14 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
                                                              for n in self.engine.repository.names()])
         return model
 
-    @unary
     async def ServerLive(self, request: kpb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)
 
-    @unary
     async def ServerReady(self, request: kpb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
         return kpb.ServerReadyResponse(ready=self.ready and bool(self.engine.repository.names()))
 
-    @unary
     async def ModelReady(self, request: kpb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
         try:
@@ -67,12 +63,10 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             return kpb.ModelReadyResponse(ready=False)
         return kpb.ModelReadyResponse(ready=self.ready)
 
-    @unary
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
         return kpb.ServerMetadataResponse(name="attention-server", version=__version__, extensions=EXTENSIONS)
 
-    @unary
     async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
         meta = self._model(request.name, request.version).metadata
@@ -80,7 +74,6 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ModelMetadataResponse(name=meta.name, versions=[VERSION], platform="onnxruntime_onnx",
                                          inputs=codec.tensor_metadata(inputs), outputs=codec.tensor_metadata(outputs))
 
-    @unary
     async def ModelConfig(self, request: kpb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
         meta = self._model(request.name, request.version).metadata
@@ -106,7 +99,6 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         # Padding and copying multi-MB outputs stays off the event loop.
         return await asyncio.to_thread(codec.encode_response, request, meta, names, results, options.top_k)
 
-    @unary
     async def ModelInfer(self, request: kpb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
@@ -151,7 +143,6 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    @unary
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
         models = [self._model(request.name, request.version)] if request.name else list(self.engine.repository)
@@ -171,7 +162,6 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
                                       compute_output=_duration(b.compute_output))
         return out
 
-    @unary
     async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
         entries = self.engine.repository.index()
@@ -181,7 +171,6 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             for e in entries if e.state == "READY" or not request.ready
         ])
 
-    @unary
     async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
                                   context: grpc.aio.ServicerContext) -> kpb.RepositoryModelLoadResponse:
         if not request.model_name:
@@ -190,7 +179,6 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         log.info("loaded model %s on request", request.model_name)
         return kpb.RepositoryModelLoadResponse()
 
-    @unary
     async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
         if not request.model_name:

@@ -16,7 +16,6 @@ from attention_client._proto.attention.v1 import attention_pb2 as pb
 
 from ..runtime.engine import Engine, Plan
 from . import converters
-from .errors import stream, unary
 
 # Below this a unary response is joined on the event loop; above, in a thread.
 INLINE_JOIN_BYTES = 1 << 20
@@ -31,7 +30,6 @@ class AttentionServicer:
             request.model, converters.sequences_from_pb(request), converters.options_from_pb(request.options)
         )
 
-    @unary
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> bytes:
         plan = await self._plan(request)
         results = await self.engine.analyze(plan, context.time_remaining(), finish=converters.result_parts)
@@ -40,7 +38,6 @@ class AttentionServicer:
             return b"".join(parts)
         return await asyncio.to_thread(b"".join, parts)
 
-    @stream
     async def AnalyzeStream(
         self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
@@ -49,7 +46,6 @@ class AttentionServicer:
                                                         finish=converters.encode_result):
             yield message
 
-    @unary
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -59,7 +55,6 @@ class AttentionServicer:
             default_model=repo.default_model,
         )
 
-    @unary
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         model = self.engine.repository.get(request.name)
         return converters.model_info_to_pb(model.metadata, self.engine.limits, model.roles)
