@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     """Largest unary response; bigger results must use AnalyzeStream or ask for less."""
     max_request_bytes: int = Field(16 * MiB, ge=MiB)
     """Largest request message the server accepts."""
+    max_chars_per_token: int = Field(32, ge=1)
+    """A text may have at most this many characters per model position (16,384 for 512 positions);
+    longer texts are refused before they are tokenized."""
+    max_pending_result_mib: int = Field(512, ge=1)
+    """Memory budget (MiB) for results computed but not yet sent, over all calls; new work waits for room."""
+    pending_result_wait: float = Field(30.0, ge=0)
+    """Seconds a call may wait for room in that budget before RESOURCE_EXHAUSTED."""
+    stream_window_mib: int = Field(64, ge=1)
+    """Per streaming call: MiB of results computed ahead of what the caller has read (at least one result)."""
+    max_stream_inflight: int = Field(8, ge=1)
+    """Per ModelStreamInfer call: requests served at once; the server reads no further until one is answered."""
     intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime threads of the wide session (a lone batch on an idle server); 0 = one per core."""
     instances: int = Field(0, ge=0)

@@ -31,7 +31,8 @@ def sequences_from_pb(request: pb.AnalyzeRequest) -> list[SequenceInput]:
     for seq in request.sequences:
         kind = seq.WhichOneof("input")
         if kind == "token_ids":
-            out.append(SequenceInput(token_ids=tuple(seq.token_ids.ids), type_ids=tuple(seq.token_ids.type_ids),
+            # The repeated fields themselves: the engine checks their length before copying.
+            out.append(SequenceInput(token_ids=seq.token_ids.ids, type_ids=seq.token_ids.type_ids,
                                      text_pair=seq.text_pair or None, id=seq.id))
         else:
             out.append(SequenceInput(text=seq.text, text_pair=seq.text_pair or None, id=seq.id))
@@ -46,8 +47,8 @@ def options_from_pb(options: pb.AnalyzeOptions) -> AnalyzeOptions:
         raise InvalidArgument("options.attention_dtype", f"{name} is not supported; use DATA_TYPE_FLOAT32 or "
                               "DATA_TYPE_FLOAT16")
     return AnalyzeOptions(
-        layers=tuple(options.layers),
-        heads=tuple(options.heads),
+        layers=options.layers,
+        heads=options.heads,
         attention_dtype=dtype,
         attention=options.attention if options.HasField("attention") else True,
         hidden_states=options.hidden_states if options.HasField("hidden_states") else True,

@@ -13,7 +13,8 @@ import grpc
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as kpb
 from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from ..errors import InvalidArgument, ModelNotFound, ServiceError
+from ..errors import InvalidArgument, ModelNotFound, ServiceError, quote
+from ..runtime.budget import Lease
 from ..runtime.engine import Engine
 from ..runtime.repository import LoadedModel
 from ..runtime.stats import Duration
@@ -32,8 +33,9 @@ def _duration(d: Duration) -> kpb.StatisticDuration:
 
 
 class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int) -> None:
+    def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int, max_stream_inflight: int = 8) -> None:
         self.engine = engine
+        self.max_stream_inflight = max_stream_inflight
         self.instances = instances
         self.max_queue_delay_us = max_queue_delay_us
         self.ready = True
@@ -80,7 +82,9 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         config = codec.model_config(meta, self.engine.limits.max_batch_size, self.instances, self.max_queue_delay_us)
         return kpb.ModelConfigResponse(config=config)
 
-    async def _infer(self, request: kpb.ModelInferRequest, timeout: float | None) -> kpb.ModelInferResponse:
+    async def _infer(self, request: kpb.ModelInferRequest,
+                     timeout: float | None) -> tuple[kpb.ModelInferResponse, Lease]:
+        """The response and its share of the pending-result budget (release it once sent)."""
         model = self._model(request.model_name, request.model_version)
         meta = model.metadata
         sequences = codec.decode_request(request, meta, self.engine.limits.max_batch_size)
@@ -92,56 +96,95 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             message = exc.message.replace(".token_ids.ids", "").replace(".text", "")
             message = message.replace("sequences[", "input row [").replace("options.", "parameter ")
             raise InvalidArgument("inputs", message) from None
-        results = await self.engine.analyze(plan, timeout)
-        size = sum(a.nbytes for r in results for a in (r.attention, r.hidden_states) if a is not None)
-        if size <= INLINE_ENCODE_BYTES:
-            return codec.encode_response(request, meta, names, results, options.top_k)
-        # Padding and copying multi-MB outputs stays off the event loop.
-        return await asyncio.to_thread(codec.encode_response, request, meta, names, results, options.top_k)
+        size = codec.response_bytes(request, meta, names, [len(t) for t in plan.tokens], len(plan.layers),
+                                    len(plan.heads), options.top_k)
+        self.engine.check_response_bytes(size)
+        lease = await self.engine.reserve(size, timeout)
+        try:
+            results = await self.engine.analyze(plan, timeout)
+            if size <= INLINE_ENCODE_BYTES:
+                return codec.encode_response(request, meta, names, results, options.top_k), lease
+            # Padding and copying multi-MB outputs stays off the event loop.
+            response = await asyncio.to_thread(codec.encode_response, request, meta, names, results, options.top_k)
+            return response, lease
+        except BaseException:
+            lease.release()
+            raise
 
     async def ModelInfer(self, request: kpb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        response, lease = await self._infer(request, context.time_remaining())
+        context.add_done_callback(lambda _: lease.release())
+        return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[kpb.ModelStreamInferResponse]:
-        """Requests are served concurrently; responses go out as they finish, each
-        carrying the request's id. A failed request answers with error_message
-        and the stream goes on (the protocol's convention)."""
-        responses: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
+        """Requests are served concurrently, at most `max_stream_inflight` at a time
+        (the server reads no further until one is answered, so a caller that does
+        not read its responses stops being read); responses go out as they finish,
+        each carrying its request's id. A failed request answers with
+        error_message and the stream goes on (the protocol's convention); an
+        undecodable message ends the stream with INVALID_ARGUMENT once the
+        requests before it are answered."""
+        Item = tuple[kpb.ModelStreamInferResponse, Lease | None]
+        responses: asyncio.Queue[Item | BaseException | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.max_stream_inflight)
         tasks: set[asyncio.Task[None]] = set()
+
+        def failed(request: kpb.ModelInferRequest, message: str) -> Item:
+            return kpb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)), None
 
         async def serve_one(request: kpb.ModelInferRequest) -> None:
             try:
-                response = await self._infer(request, None)
-                await responses.put(kpb.ModelStreamInferResponse(infer_response=response))
+                response, lease = await self._infer(request, None)
+                await responses.put((kpb.ModelStreamInferResponse(infer_response=response), lease))
             except ServiceError as exc:
-                await responses.put(kpb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                await responses.put(failed(request, exc.message))
             except Exception:
-                log.exception("ModelStreamInfer request %r failed unexpectedly", request.id)
-                await responses.put(kpb.ModelStreamInferResponse(
-                    error_message="internal error; see the server log",
-                    infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                log.exception("ModelStreamInfer request %s failed unexpectedly", quote(request.id))
+                await responses.put(failed(request, "internal error; see the server log"))
 
         async def read_all() -> None:
-            async for request in request_iterator:
-                task = asyncio.ensure_future(serve_one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            ending: BaseException | None = None
+            requests = aiter(request_iterator)
+            try:
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    task = asyncio.ensure_future(serve_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message: answer what came before, then end
+                ending = exc
             while tasks:
                 await asyncio.gather(*list(tasks))
-            await responses.put(None)
+            await responses.put(ending)
 
         reader = asyncio.ensure_future(read_all())
         try:
-            while (item := await responses.get()) is not None:
-                yield item
+            while isinstance(item := await responses.get(), tuple):
+                response, lease = item
+                try:
+                    yield response
+                finally:
+                    if lease is not None:
+                        lease.release()
+                    slots.release()
+            if item is not None:
+                raise item
         finally:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            while not responses.empty():  # answered but never sent (the caller left)
+                left = responses.get_nowait()
+                if isinstance(left, tuple) and left[1] is not None:
+                    left[1].release()
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:

@@ -11,6 +11,7 @@ zero-padded in the outputs (`sequence_length` says how long each row is).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from .._proto.inference import grpc_service_pb2 as kpb
 from .._proto.inference import model_config_pb2 as mc
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, quote
 from ..runtime.repository import ModelMetadata
 from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput
 
@@ -35,6 +36,9 @@ TYPED_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_co
                "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
 ID_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MAX_DIMS = 8
+# `layers` / `heads` parameters: comma-separated indices, at most this long.
+MAX_INDEX_LIST_CHARS = 1024
 TEXT = "text"
 PAIR_OUTPUTS = ("pair_from_index", "pair_to_index", "pair_strength")
 DEFAULT_OUTPUTS = ("last_hidden_state", "attentions", "tokens", "sequence_length")
@@ -97,9 +101,11 @@ def _decode_input(request: kpb.ModelInferRequest, index: int) -> np.ndarray | li
     tensor = request.inputs[index]
     name, datatype = tensor.name, tensor.datatype
     shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(f"input '{name}'", f"has {len(shape)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: a shape like [2**32, 2**32] cannot overflow
     if request.raw_input_contents:
         raw = request.raw_input_contents[index]
         if datatype == "BYTES":
@@ -110,14 +116,14 @@ def _decode_input(request: kpb.ModelInferRequest, index: int) -> np.ndarray | li
             return items
         dtype = NUMPY.get(datatype)
         if dtype is None:
-            raise InvalidArgument(f"input '{name}'", f"unknown datatype {datatype!r}")
+            raise InvalidArgument(f"input '{name}'", f"unknown datatype {quote(datatype)}")
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} of {datatype} needs "
                                   f"{count * dtype.itemsize} bytes, got {len(raw)}")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     field = TYPED_FIELD.get(datatype)
     if field is None:
-        raise InvalidArgument(f"input '{name}'", f"unknown datatype {datatype!r}")
+        raise InvalidArgument(f"input '{name}'", f"unknown datatype {quote(datatype)}")
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} needs {count} elements in "
@@ -129,7 +135,7 @@ def _decode_input(request: kpb.ModelInferRequest, index: int) -> np.ndarray | li
 
 def _ids(name: str, value: np.ndarray | list[bytes], datatype: str) -> np.ndarray:
     if datatype not in ("INT64", "INT32") or isinstance(value, list):
-        raise InvalidArgument(f"input '{name}'", f"datatype {datatype} is not accepted; expected INT64 or INT32")
+        raise InvalidArgument(f"input '{name}'", f"datatype {quote(datatype)} is not accepted; expected INT64 or INT32")
     if value.ndim != 2:
         raise InvalidArgument(f"input '{name}'", f"shape {list(value.shape)} must be [batch, sequence]")
     return value.astype(np.int64)
@@ -145,10 +151,10 @@ def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
     given: dict[str, tuple[np.ndarray | list[bytes], str]] = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name not in known:
-            raise InvalidArgument(f"input '{tensor.name}'", f"unexpected input for model '{meta.name}'; "
+            raise InvalidArgument(f"input {quote(tensor.name)}", f"unexpected input for model '{meta.name}'; "
                                   f"expected {', '.join(known)}")
         if tensor.name in given:
-            raise InvalidArgument(f"input '{tensor.name}'", "given twice")
+            raise InvalidArgument(f"input {quote(tensor.name)}", "given twice")
         given[tensor.name] = (_decode_input(request, i), tensor.datatype)
     if (TEXT in given) == ("input_ids" in given):
         raise InvalidArgument("inputs", "give either 'input_ids' (with optional 'attention_mask' and "
@@ -156,7 +162,7 @@ def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
     if TEXT in given:
         value, datatype = given[TEXT]
         if datatype != "BYTES" or not isinstance(value, list):
-            raise InvalidArgument(f"input '{TEXT}'", f"datatype {datatype} is not accepted; expected BYTES")
+            raise InvalidArgument(f"input '{TEXT}'", f"datatype {quote(datatype)} is not accepted; expected BYTES")
         extra = [n for n in ID_INPUTS if n in given]
         if extra:
             raise InvalidArgument(f"input '{extra[0]}'", "not allowed together with 'text'")
@@ -174,6 +180,9 @@ def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
     ids = _ids("input_ids", *given["input_ids"])
     batch = ids.shape[0]
     _check_batch(batch, max_batch_size)
+    if ids.shape[1] > meta.max_positions:
+        raise InvalidArgument("input 'input_ids'", f"shape {list(ids.shape)}: {ids.shape[1]} positions exceed the "
+                              f"model's {meta.max_positions}; nothing is truncated, split the input")
     mask = np.ones_like(ids)
     if "attention_mask" in given:
         mask = _ids("attention_mask", *given["attention_mask"])
@@ -190,7 +199,7 @@ def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
         if not ((mask[r] == 0) | (mask[r] == 1)).all() or not (mask[r, :n] == 1).all() or n == 0:
             raise InvalidArgument(f"input 'attention_mask'[{r}]", "must be ones then zeros (right padding), "
                                   "with at least one 1")
-        rows.append(SequenceInput(token_ids=tuple(ids[r, :n].tolist()), type_ids=tuple(types[r, :n].tolist())))
+        rows.append(SequenceInput(token_ids=ids[r, :n], type_ids=types[r, :n]))
     return rows
 
 
@@ -210,10 +219,13 @@ def _param(params: object, name: str) -> object | None:
 def _index_list(value: object, name: str) -> tuple[int, ...]:
     if value is None:
         return ()
+    if len(str(value)) > MAX_INDEX_LIST_CHARS:
+        raise InvalidArgument(f"parameter '{name}'", f"has {len(str(value))} characters; at most "
+                              f"{MAX_INDEX_LIST_CHARS}")
     try:
         return tuple(int(x) for x in str(value).replace(" ", "").split(",") if x != "")
     except ValueError:
-        raise InvalidArgument(f"parameter '{name}'", f"must be comma-separated integers, got {value!r}") from None
+        raise InvalidArgument(f"parameter '{name}'", f"must be comma-separated integers, got {quote(value)}") from None
 
 
 def requested_outputs(request: kpb.ModelInferRequest, meta: ModelMetadata) -> tuple[list[str], AnalyzeOptions]:
@@ -223,7 +235,7 @@ def requested_outputs(request: kpb.ModelInferRequest, meta: ModelMetadata) -> tu
     names = [o.name for o in request.outputs]
     for name in names:
         if name not in known:
-            raise InvalidArgument(f"output '{name}'", f"unknown output of model '{meta.name}'; known: "
+            raise InvalidArgument(f"output {quote(name)}", f"unknown output of model '{meta.name}'; known: "
                                   f"{', '.join(known)}")
     if not names:
         names = list(DEFAULT_OUTPUTS) + (list(PAIR_OUTPUTS) if top_k is not None else [])
@@ -232,7 +244,7 @@ def requested_outputs(request: kpb.ModelInferRequest, meta: ModelMetadata) -> tu
     if "attentions" in names and "attentions_fp16" in names:
         raise InvalidArgument("outputs", "ask for 'attentions' or 'attentions_fp16', not both")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        raise InvalidArgument("parameter 'top_k'", f"must be an integer, got {top_k!r}")
+        raise InvalidArgument("parameter 'top_k'", f"must be an integer, got {quote(top_k)}")
     min_strength = _param(request.parameters, "min_strength")
     exclude = _param(request.parameters, "exclude_special_tokens")
     options = AnalyzeOptions(
@@ -270,6 +282,24 @@ def padded_length(request: kpb.ModelInferRequest) -> int:
     return 0
 
 
+def response_bytes(request: kpb.ModelInferRequest, meta: ModelMetadata, names: list[str], lengths: list[int],
+                   layers: int, heads: int, top_k: int | None) -> int:
+    """Size of the response `encode_response` will build (outputs are padded to
+    the request's sequence axis, so a short row can cost as much as a long one)."""
+    batch = len(lengths)
+    length = max(padded_length(request), *lengths)
+    pairs = batch * layers * heads * min(top_k or 0, max(n * n for n in lengths))
+    per_output = {
+        "last_hidden_state": batch * length * meta.hidden_size * 4,
+        "attentions": batch * layers * heads * length * length * 4,
+        "attentions_fp16": batch * layers * heads * length * length * 2,
+        "tokens": batch * length * 24,
+        "sequence_length": batch * 8,
+        "pair_from_index": pairs * 4, "pair_to_index": pairs * 4, "pair_strength": pairs * 4,
+    }
+    return 1024 + sum(per_output.get(name, 0) for name in names)
+
+
 def encode_response(request: kpb.ModelInferRequest, meta: ModelMetadata, names: list[str],
                     results: list[SequenceOutput], top_k: int | None) -> kpb.ModelInferResponse:
     """Outputs padded to the request's own sequence axis (as an ONNX BERT model
@@ -298,7 +328,10 @@ def encode_response(request: kpb.ModelInferRequest, meta: ModelMetadata, names: 
 
 
 def _pairs(results: list[SequenceOutput], name: str, k: int) -> np.ndarray:
+    """[batch, layers, heads, k'] with k' = min(top_k, most pairs a row has): a
+    top_k beyond the pairs that exist adds no columns."""
     first = results[0]
+    k = min(k, max(len(r.tokens) ** 2 for r in results))
     shape = (len(results), len(first.layers), len(first.heads), k)
     out = np.full(shape, 0.0 if name == "pair_strength" else -1,
                   dtype=np.float32 if name == "pair_strength" else np.int32)

@@ -32,6 +32,9 @@ class AttentionServicer:
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> bytes:
         plan = await self._plan(request)
+        lease = await self.engine.reserve_response(plan, context.time_remaining())
+        # The response holds its share of the pending-result budget until the call is over (sent or dropped).
+        context.add_done_callback(lambda _: lease.release())
         results = await self.engine.analyze(plan, context.time_remaining(), finish=converters.result_parts)
         parts = converters.analyze_response_parts(plan.model.name, results)
         if converters.parts_size(parts) <= INLINE_JOIN_BYTES:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import InvalidArgument, ResourceExhausted, Unavailable
 from .batcher import BatchConfig, Batcher, Job
+from .budget import Lease, ResultBudget
 from .heads import FUSIONS
 from .repository import LoadedModel, ModelRepository
 from .stats import BatcherStats, BatchObserver
@@ -33,6 +34,11 @@ TOKEN_BYTES = 40
 PAIR_BYTES = 16
 # Requests with more characters (or ids) than this are validated and tokenized off the event loop.
 INLINE_PLAN_CHARS = 16384
+# Texts longer than this many characters per position are first tokenized in a
+# prefix of that size: a prefix already over the limit stops there.
+PROBE_CHARS_PER_TOKEN = 8
+# A prefix cut inside a word may tokenize that word into a few more pieces than the whole text does.
+PROBE_MARGIN = 4
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,10 @@ class Limits:
 
     max_batch_size: int = 64
     max_response_bytes: int = 256 << 20
+    max_chars_per_token: int = 32
+    """A text may have at most this many characters per model position (checked before tokenizing)."""
+    stream_window_bytes: int = 64 << 20
+    """Results of one streaming call computed ahead of what its caller has read (at least one)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class Plan:
 def _check_indices(field: str, values: Sequence[int], limit: int, what: str, model: str) -> list[int]:
     if not values:
         return list(range(limit))
+    if len(values) > limit:
+        raise InvalidArgument(field, f"lists {len(values)} {what}s; model {model!r} has {limit}")
     seen: set[int] = set()
     for k, v in enumerate(values):
         if not 0 <= v < limit:
@@ -94,13 +106,14 @@ class Engine:
     batcher per model."""
 
     def __init__(self, repository: ModelRepository, limits: Limits, batch_config: BatchConfig | None = None,
-                 observer: BatchObserver | None = None) -> None:
+                 observer: BatchObserver | None = None, budget: ResultBudget | None = None) -> None:
         self.repository = repository
         self.observer = observer
         self.limits = limits
         self.batch_config = batch_config or BatchConfig(max_batch_size=limits.max_batch_size)
         self._batchers: dict[str, Batcher] = {}
         self._accepting = True
+        self.budget = budget or ResultBudget(1 << 30, 30.0)
 
     # -- validation ---------------------------------------------------------------
 
@@ -121,19 +134,48 @@ class Engine:
         if options.attention_dtype not in (FLOAT32, FLOAT16):
             raise InvalidArgument("options.attention_dtype", f"{options.attention_dtype} is not supported; "
                                   "use FLOAT32 or FLOAT16")
-        if options.top_k is not None and options.top_k <= 0:
-            raise InvalidArgument("options.top_k", f"must be > 0 when set, got {options.top_k}")
+        max_pairs = meta.max_positions ** 2
+        if options.top_k is not None and not 0 < options.top_k <= max_pairs:
+            raise InvalidArgument("options.top_k", f"must be within [1, {max_pairs}] (all pairs of "
+                                  f"{meta.max_positions} positions) when set, got {options.top_k}")
         if options.rollout is not None and options.rollout not in FUSIONS:
             raise InvalidArgument("options.rollout", f"{options.rollout!r} is not a fusion; use mean, max or min")
         if not (0.0 <= options.min_strength <= 1.0) or math.isnan(options.min_strength):
             raise InvalidArgument("options.min_strength", f"must be within [0, 1], got {options.min_strength}")
+        for i, seq in enumerate(inputs):
+            self._check_bounds(model, i, seq)
         tokens = [self._tokenize(model, i, seq) for i, seq in enumerate(inputs)]
         return Plan(model, inputs, tokens, options, layers, heads)
+
+    def max_text_chars(self, model: LoadedModel) -> int:
+        return model.metadata.max_positions * self.limits.max_chars_per_token
+
+    def _check_bounds(self, model: LoadedModel, i: int, seq: SequenceInput) -> None:
+        """Cheap limits, before anything is tokenized or copied: id counts against
+        the model's positions, text length against what those positions can take."""
+        meta = model.metadata
+        field = f"sequences[{i}]"
+        if seq.token_ids is not None:
+            n = len(seq.token_ids)
+            if n > meta.max_positions:
+                raise InvalidArgument(f"{field}.token_ids.ids", f"{n} token ids exceed the model's "
+                                      f"{meta.max_positions} positions; nothing is truncated, split the input")
+            if seq.type_ids is not None and len(seq.type_ids) > meta.max_positions:
+                raise InvalidArgument(f"{field}.token_ids.type_ids", f"has {len(seq.type_ids)} entries; must be "
+                                      f"empty or match the {n} ids")
+            return
+        limit = self.max_text_chars(model)
+        for name, text in (("text", seq.text), ("text_pair", seq.text_pair)):
+            if text is not None and len(text) > limit:
+                raise InvalidArgument(f"{field}.{name}", f"{len(text)} characters exceed the limit of {limit} "
+                                      f"({self.limits.max_chars_per_token} per position of the model's "
+                                      f"{meta.max_positions}); split the input")
 
     async def plan_async(self, model_name: str, inputs: list[SequenceInput], options: AnalyzeOptions) -> Plan:
         """`plan`, in a worker thread when there is much to tokenize (a 64 x 512-token
         batch takes ~20 ms: too long to hold the event loop)."""
-        size = sum(len(s.text or "") + len(s.text_pair or "") + len(s.token_ids or ()) for s in inputs)
+        size = sum(len(s.text or "") + len(s.text_pair or "") + (0 if s.token_ids is None else len(s.token_ids))
+                   for s in inputs)
         if size <= INLINE_PLAN_CHARS:
             return self.plan(model_name, inputs, options)
         return await asyncio.to_thread(self.plan, model_name, inputs, options)
@@ -144,7 +186,7 @@ class Engine:
         if seq.token_ids is not None:
             if seq.text_pair:
                 raise InvalidArgument(f"{field}.text_pair", "only allowed with text input, not token_ids")
-            ids = np.asarray(seq.token_ids, dtype=np.int64)
+            ids = np.asarray(seq.token_ids, dtype=np.int64).reshape(-1)
             if ids.size == 0:
                 raise InvalidArgument(f"{field}.token_ids.ids", "empty sequence; give at least one token id")
             bad = np.flatnonzero((ids < 0) | (ids >= meta.vocab_size))
@@ -152,7 +194,8 @@ class Engine:
                 j = int(bad[0])
                 raise InvalidArgument(f"{field}.token_ids.ids[{j}]",
                                       f"token id {int(ids[j])} is outside the vocabulary [0, {meta.vocab_size})")
-            types = np.zeros_like(ids) if not seq.type_ids else np.asarray(seq.type_ids, dtype=np.int64)
+            types = np.zeros_like(ids) if seq.type_ids is None or len(seq.type_ids) == 0 \
+                else np.asarray(seq.type_ids, dtype=np.int64).reshape(-1)
             if types.shape != ids.shape:
                 raise InvalidArgument(f"{field}.token_ids.type_ids",
                                       f"has {types.size} entries; must be empty or match the {ids.size} ids")
@@ -166,8 +209,9 @@ class Engine:
         else:
             if not seq.text or not seq.text.strip():
                 raise InvalidArgument(f"{field}.text", "empty sequence; give non-blank text or token_ids")
-            tokens = model.tokenizer.encode(seq.text, seq.text_pair or None)
             where = f"{field}.text"
+            self._probe(model, where, seq.text, seq.text_pair)
+            tokens = model.tokenizer.encode(seq.text, seq.text_pair or None)
         if len(tokens) > meta.max_positions:
             raise InvalidArgument(
                 where,
@@ -175,6 +219,22 @@ class Engine:
                 f"positions; nothing is truncated, split the input",
             )
         return tokens
+
+    def _probe(self, model: LoadedModel, where: str, text: str, pair: str | None) -> None:
+        """Stop early on a long text: when a prefix of it (cut at a space) already
+        has more tokens than the model's positions, the whole text has too."""
+        limit = model.metadata.max_positions
+        probe = limit * PROBE_CHARS_PER_TOKEN
+        if len(text) + len(pair or "") <= probe:
+            return
+        prefix = text[:probe]
+        cut = prefix.rfind(" ")
+        prefix = prefix[:cut] if cut > 0 else prefix
+        n = len(model.tokenizer.encode(prefix))
+        if n > limit + PROBE_MARGIN:
+            raise InvalidArgument(where, f"more than {limit} tokens (already {n} in its first {len(prefix)} "
+                                  f"characters) exceed the model's {limit} positions; nothing is truncated, "
+                                  "split the input")
 
     # -- execution ------------------------------------------------------------------
 
@@ -208,14 +268,27 @@ class Engine:
     def _check_size(self, plan: Plan, streaming: bool) -> None:
         sizes = [plan.sequence_bytes(i) for i in range(len(plan.tokens))]
         size = max(sizes) if streaming else sum(sizes)
+        self.check_response_bytes(size, "one result" if streaming else "response",
+                                  "" if streaming else "use AnalyzeStream, ")
+
+    def check_response_bytes(self, size: int, what: str = "response", advice: str = "") -> None:
         limit = self.limits.max_response_bytes
         if size > limit:
-            what = "one result" if streaming else "response"
-            advice = "" if streaming else "use AnalyzeStream, "
             raise ResourceExhausted(
                 f"{what} would be about {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit "
                 f"(max_response_bytes); {advice}ask for FLOAT16, fewer layers/heads, or top_k only"
             )
+
+    async def reserve(self, nbytes: int, timeout: float | None) -> Lease:
+        """Room in the pending-result budget for a response of about `nbytes`,
+        before any of it is computed; the transport releases it once sent."""
+        return await self.budget.acquire(nbytes, timeout)
+
+    async def reserve_response(self, plan: Plan, timeout: float | None) -> Lease:
+        """`reserve` for a unary response to `plan`, after checking it is within
+        max_response_bytes."""
+        self._check_size(plan, streaming=False)
+        return await self.reserve(sum(plan.sequence_bytes(i) for i in range(len(plan.tokens))), timeout)
 
     @contextlib.asynccontextmanager
     async def _submitted(self, plan: Plan, timeout: float | None,
@@ -236,18 +309,59 @@ class Engine:
     async def analyze(self, plan: Plan, timeout: float | None = None,
                       finish: Callable[[SequenceOutput], T] | None = None) -> list[T]:
         """Every result of a plan in request order (after `finish`, which runs in
-        the post-processing thread). `timeout` bounds the time spent queued."""
-        self._check_size(plan, streaming=False)
+        the post-processing thread). `timeout` bounds the time spent queued.
+        The caller holds a reservation for the response (`reserve_response`)."""
         async with self._submitted(plan, timeout, finish) as jobs:
             return list(await asyncio.gather(*(j.future for j in jobs)))
 
     async def analyze_stream(self, plan: Plan, timeout: float | None = None,
                              finish: Callable[[SequenceOutput], T] | None = None) -> AsyncIterator[T]:
-        """Results one by one in request order, each as soon as it and those before it are ready."""
+        """Results one by one in request order, computed no faster than the caller
+        takes them: sequences are queued while the ones computed ahead of what was
+        taken stay within `stream_window_bytes` (always at least the next one), and
+        each holds its share of the pending-result budget until the caller asks
+        for the following result (for gRPC: until it was written)."""
         self._check_size(plan, streaming=True)
-        async with self._submitted(plan, timeout, finish) as jobs:
-            for job in jobs:
-                yield await job.future
+        batcher = self.batcher(plan.model)
+        count = len(plan.tokens)
+        sizes = [plan.sequence_bytes(i) for i in range(count)]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        window = self.limits.stream_window_bytes
+        jobs: list[Job] = []
+        leases: list[Lease] = []
+        ahead = 0  # bytes submitted and not yet taken by the caller
+        started = time.perf_counter_ns()
+        ok = False
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+        def submit(index: int, lease: Lease) -> None:
+            nonlocal ahead
+            leases.append(lease)
+            jobs.extend(batcher.submit(plan, [index], remaining(), finish))
+            ahead += sizes[index]
+
+        try:
+            for i in range(count):
+                if len(jobs) == i:  # nothing queued ahead: wait for room for this one
+                    submit(i, await self.reserve(sizes[i], remaining()))
+                # Top up the window with what fits now, without waiting.
+                while len(jobs) < count and ahead + sizes[len(jobs)] <= window:
+                    lease = self.budget.try_acquire(sizes[len(jobs)])
+                    if lease is None:
+                        break
+                    submit(len(jobs), lease)
+                result = await jobs[i].future
+                ahead -= sizes[i]
+                yield result
+                leases[i].release()
+            ok = True
+        finally:
+            batcher.discard(jobs)
+            for lease in leases:
+                lease.release()
+            (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
 
     def stop_accepting(self) -> None:
         """Refuse new work (shutdown); queued work still completes."""

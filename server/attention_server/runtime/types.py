@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,15 +18,17 @@ class SequenceInput:
 
     text: str | None = None
     text_pair: str | None = None
-    token_ids: tuple[int, ...] | None = None
-    type_ids: tuple[int, ...] | None = None
+    # Any sized sequence of ints (a tuple, a protobuf repeated field, a numpy row):
+    # the engine checks its length before copying it.
+    token_ids: Sequence[int] | np.ndarray | None = None
+    type_ids: Sequence[int] | np.ndarray | None = None
     id: str = ""
 
 
 @dataclass(frozen=True)
 class AnalyzeOptions:
-    layers: tuple[int, ...] = ()
-    heads: tuple[int, ...] = ()
+    layers: Sequence[int] = ()
+    heads: Sequence[int] = ()
     attention_dtype: str = FLOAT32
     attention: bool = True
     hidden_states: bool = True
