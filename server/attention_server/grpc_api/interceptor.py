@@ -37,6 +37,8 @@ REQUEST_ID = "x-request-id"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 # Calls the drain does not wait for (probes keep answering while the server drains).
 UNTRACKED_SERVICES = ("grpc.health.v1.Health",)
+# Request messages larger than this are parsed in a worker thread, off the event loop.
+INLINE_PARSE_BYTES = 1 << 20
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -127,19 +129,24 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     self._idle.set()
             request_id.reset(token)
 
+        async def parsed(raw: bytes) -> Any:
+            if len(raw) <= INLINE_PARSE_BYTES:
+                return parse(raw)
+            return await asyncio.to_thread(parse, raw)  # a 16 MiB message takes tens of ms
+
         async def requests(raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
             async for message in raw:
-                yield parse(message)
+                yield await parsed(message)
 
-        def request_of(request: Any, streaming_in: bool) -> Any:
-            return requests(request) if streaming_in else parse(request)
+        async def request_of(request: Any, streaming_in: bool) -> Any:
+            return requests(request) if streaming_in else await parsed(request)
 
         def unary_out(inner: Callable[..., Awaitable[Any]], streaming_in: bool) -> Callable[..., Awaitable[Any]]:
             async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started, token = begin(context)
                 failed: BaseException | None = None
                 try:
-                    return await inner(request_of(request, streaming_in), context)
+                    return await inner(await request_of(request, streaming_in), context)
                 except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
                     failed = exc
                     raise
@@ -157,8 +164,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 started, token = begin(context)
                 failed: BaseException | None = None
                 try:
-                    async for item in inner(request_of(request, streaming_in), context):
+                    async for item in inner(await request_of(request, streaming_in), context):
                         yield item
+                        del item  # a sent message is not kept while the next one is made
                 except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
                     failed = exc
                     raise

@@ -169,9 +169,11 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         try:
             while isinstance(item := await responses.get(), tuple):
                 response, lease = item
+                del item
                 try:
                     yield response
                 finally:
+                    del response  # a sent response is not kept while the next one is made
                     if lease is not None:
                         lease.release()
                     slots.release()

@@ -48,6 +48,7 @@ class AttentionServicer:
         async for message in self.engine.analyze_stream(plan, context.time_remaining(),
                                                         finish=converters.encode_result):
             yield message
+            del message  # not kept while the next one is computed
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

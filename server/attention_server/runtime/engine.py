@@ -327,38 +327,45 @@ class Engine:
         sizes = [plan.sequence_bytes(i) for i in range(count)]
         deadline = None if timeout is None else time.monotonic() + timeout
         window = self.limits.stream_window_bytes
-        jobs: list[Job] = []
+        pending: dict[int, Job] = {}  # queued or computed, not yet taken; a taken result is not kept
         leases: list[Lease] = []
-        ahead = 0  # bytes submitted and not yet taken by the caller
+        submitted = 0
+        ahead = 0  # bytes of the results submitted and not yet taken
         started = time.perf_counter_ns()
         ok = False
 
         def remaining() -> float | None:
             return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
-        def submit(index: int, lease: Lease) -> None:
-            nonlocal ahead
+        def submit(lease: Lease) -> None:
+            nonlocal ahead, submitted
             leases.append(lease)
-            jobs.extend(batcher.submit(plan, [index], remaining(), finish))
-            ahead += sizes[index]
+            pending[submitted] = batcher.submit(plan, [submitted], remaining(), finish)[0]
+            ahead += sizes[submitted]
+            submitted += 1
+
+        def top_up() -> None:
+            """Queue what fits the window (one result ahead always does) and the budget now."""
+            while submitted < count and (ahead == 0 or ahead + sizes[submitted] <= window):
+                lease = self.budget.try_acquire(sizes[submitted])
+                if lease is None:
+                    return
+                submit(lease)
 
         try:
             for i in range(count):
-                if len(jobs) == i:  # nothing queued ahead: wait for room for this one
-                    submit(i, await self.reserve(sizes[i], remaining()))
-                # Top up the window with what fits now, without waiting.
-                while len(jobs) < count and ahead + sizes[len(jobs)] <= window:
-                    lease = self.budget.try_acquire(sizes[len(jobs)])
-                    if lease is None:
-                        break
-                    submit(len(jobs), lease)
-                result = await jobs[i].future
+                if submitted == i:  # nothing queued ahead: wait in line for room for this one
+                    submit(await self.reserve(sizes[i], remaining()))
+                top_up()
+                result = await pending.pop(i).future
                 ahead -= sizes[i]
+                top_up()  # the next results compute while this one is written
                 yield result
+                del result
                 leases[i].release()
             ok = True
         finally:
-            batcher.discard(jobs)
+            batcher.discard(list(pending.values()))
             for lease in leases:
                 lease.release()
             (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
