@@ -277,11 +277,12 @@ def long_model_name(chars: int = 1_000_000) -> Callable[[grpc.Channel], tuple[st
     return call
 
 
-def huge_shape(shape: list[int]) -> Callable[[grpc.Channel], tuple[str, str]]:
+def huge_shape(shape: list[int], raw: bool = False) -> Callable[[grpc.Channel], tuple[str, str]]:
+    """input_ids of this shape with 16 raw bytes, or with (empty) typed contents."""
     def call(channel: grpc.Channel) -> tuple[str, str]:
         request = kpb.ModelInferRequest(model_name="minilm-l6", inputs=[
             kpb.ModelInferRequest.InferInputTensor(name="input_ids", datatype="INT64", shape=shape)],
-            raw_input_contents=[b"\x00" * 16])
+            raw_input_contents=[b"\x00" * 16] if raw else [])
         channel.unary_unary(MODEL_INFER)(request.SerializeToString(), timeout=30)
         return "OK", ""
     return call
