@@ -42,15 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     from .logs import configure
 
     configure(settings.log_level, settings.log_format)
+    from .errors import ModelLoadError
+
     try:
         asyncio.run(serve(settings))
-    except Exception as exc:
-        from .errors import ModelLoadError
-
-        if isinstance(exc, ModelLoadError | OSError):
-            log.error("cannot start: %s", exc)
-            return 2
-        raise
+    except (ModelLoadError, OSError) as exc:
+        # A start-up failure the operator fixes (a port, a model file): one line that
+        # names it and what to do, no traceback. Anything else is a bug and keeps its traceback.
+        log.error("cannot start: %s", " ".join(str(exc).split()))
+        return 2
     return 0
 
 

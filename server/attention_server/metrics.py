@@ -3,6 +3,7 @@ per server so that several servers can share a process (tests)."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +62,16 @@ class Metrics(BatchObserver):
         self.registry.register(_QueueCollector(engine))
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
-        """Start the HTTP endpoint (a daemon thread); returns the server and its port."""
-        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Start the HTTP endpoint (a daemon thread); returns the server and its port.
+        Raises OSError with a one-line message naming the port and the setting when it cannot bind."""
+        try:
+            httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"metrics port {host}:{port} is already in use; free it or choose another "
+                              "--metrics-port (0 picks a free one, -1 turns the endpoint off)") from None
+            raise OSError(f"cannot bind the metrics port {host}:{port} ({exc.strerror or exc}); check "
+                          "--metrics-host and --metrics-port (-1 turns the endpoint off)") from None
         return httpd, int(httpd.server_port)
 
     # BatchObserver

@@ -57,6 +57,20 @@ class Settings(BaseSettings):
     """Per streaming call: MiB of results computed ahead of what the caller has read (at least one result)."""
     max_stream_inflight: int = Field(8, ge=1)
     """Per ModelStreamInfer call: requests served at once; the server reads no further until one is answered."""
+    max_concurrent_streams: int = Field(100, ge=1)
+    """Calls at once on one client connection (HTTP/2 streams); a client's further calls wait on its side."""
+    max_metadata_kib: int = Field(16, ge=1)
+    """Largest request metadata (headers) in KiB."""
+    keepalive_time: float = Field(60.0, gt=0)
+    """Seconds between the server's keepalive pings on a connection (finds clients that vanished)."""
+    keepalive_timeout: float = Field(20.0, gt=0)
+    """Seconds a keepalive ping may go unanswered before the connection is closed."""
+    min_client_ping_interval: float = Field(10.0, ge=0)
+    """Clients may ping at most this often (seconds); each faster ping is a strike."""
+    max_ping_strikes: int = Field(2, ge=0)
+    """Strikes before the server closes the connection with GOAWAY (too_many_pings); 0 = no limit."""
+    max_connection_idle: float = Field(300.0, ge=0)
+    """Seconds a connection without calls stays open (it reconnects on its next call); 0 = no limit."""
     intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime threads of the wide session (a lone batch on an idle server); 0 = one per core."""
     instances: int = Field(0, ge=0)

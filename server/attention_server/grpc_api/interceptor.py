@@ -14,7 +14,9 @@ reflection included):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import inspect
 import logging
 import re
 import time
@@ -84,6 +86,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call (but health checks) is in flight; False on timeout."""
+        if self._active == 0:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -127,7 +131,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 self._active -= 1
                 if self._active == 0:
                     self._idle.set()
-            request_id.reset(token)
+            with contextlib.suppress(ValueError):  # a call cancelled at stop ends in another context
+                request_id.reset(token)
 
         async def parsed(raw: bytes) -> Any:
             if len(raw) <= INLINE_PARSE_BYTES:
@@ -164,9 +169,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 started, token = begin(context)
                 failed: BaseException | None = None
                 try:
-                    async for item in inner(await request_of(request, streaming_in), context):
-                        yield item
-                        del item  # a sent message is not kept while the next one is made
+                    responses = inner(await request_of(request, streaming_in), context)
+                    if inspect.isawaitable(responses):  # a handler that writes with context.write (health Watch)
+                        await responses
+                    else:
+                        async for item in responses:
+                            yield item
+                            del item  # a sent message is not kept while the next one is made
                 except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
                     failed = exc
                     raise

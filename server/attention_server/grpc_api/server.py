@@ -1,9 +1,14 @@
-"""Assembles the gRPC server: attention.v1, health and reflection on one port."""
+"""Assembles the gRPC server: attention.v1, the Open Inference Protocol, health and
+reflection on one port; health follows the default model and the drain."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import sys
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -13,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from ..metrics import Metrics
 from ..runtime.batcher import BatchConfig
+from ..runtime.budget import ResultBudget
 from ..runtime.engine import Engine, Limits
 from ..runtime.repository import ModelRepository
 from ..runtime.stats import BatchObserver
@@ -21,62 +27,177 @@ from .interceptor import ObservabilityInterceptor
 from .kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve import InferenceServicer
 from .servicer import SERVICE_NAME, AttentionServicer
+from .transport import server_options
 
 log = logging.getLogger(__name__)
 
 
-class AttentionServer:
-    """A bound (not yet started) server with its engine, health status and metrics."""
+HEALTH_NAMES = ("", SERVICE_NAME, KSERVE_SERVICE_NAME)
+# After the drain, health probes (untracked) and calls refused since get this long to finish.
+CLOSING_GRACE = 1.0
 
-    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics) -> None:
+
+class AttentionServer:
+    """The gRPC server with its engine, health status and metrics. create_server
+    binds it and attaches the engine; `start()` serves, `stop()` drains."""
+
+    engine: Engine
+    kserve: InferenceServicer
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
-        self.engine = engine
         self.metrics = metrics
         self.metrics_port: int | None = None
         self._metrics_httpd: Any = None
-        metrics.watch(engine)
+        self.interceptor = ObservabilityInterceptor(metrics)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(metrics)],
-            options=[
-                # Room for the largest unary response plus framing.
-                ("grpc.max_send_message_length", settings.max_response_bytes + MiB),
-                ("grpc.max_receive_message_length", settings.max_request_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
+            interceptors=[self.interceptor],
+            options=server_options(settings),
         )
-        self.grpc.add_generic_rpc_handlers((AttentionServicer(engine).handler(),))
-        self.kserve = InferenceServicer(engine, engine.repository.options.instances,
-                                        int(settings.max_queue_delay_ms * 1000))
-        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME],
             self.grpc,
         )
+        self._draining = False
+        self._stopping: asyncio.Future[None] | None = None
+        self._health_status: int | None = None
+        self._health_lock = asyncio.Lock()
+        self._health_updates: set[asyncio.Task[None]] = set()
+        self._unsubscribe: Callable[[], None] | None = None
 
-    async def start(self) -> None:
-        await self.grpc.start()
+    def bind(self) -> int:
+        """Bind the gRPC port (0 picks a free one) and return it; raises OSError naming the address."""
+        address = f"{self.settings.host}:{self.settings.port}"
+        port = _add_port_quietly(self.grpc, address)
+        if port == 0:
+            raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this machine); "
+                          "stop what holds it or choose another --port (0 picks a free one) or --host")
+        return port
+
+    def serve_metrics(self) -> None:
+        """Start the Prometheus endpoint unless it is off; raises OSError naming the port."""
         if self.settings.metrics_port >= 0:
             self._metrics_httpd, self.metrics_port = self.metrics.serve(self.settings.metrics_host,
                                                                         self.settings.metrics_port)
-        for service in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def attach(self, engine: Engine) -> None:
+        """Register attention.v1 and the Open Inference Protocol over `engine` (after bind, before start)."""
+        self.engine = engine
+        self.metrics.watch(engine)
+        self.grpc.add_generic_rpc_handlers((AttentionServicer(engine).handler(),))
+        self.kserve = InferenceServicer(engine, engine.repository.options.instances,
+                                        int(self.settings.max_queue_delay_ms * 1000),
+                                        self.settings.max_stream_inflight)
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        loop = asyncio.get_running_loop()
+        self._unsubscribe = self.engine.repository.subscribe(
+            lambda name, loaded: self._repository_changed(loop, name))
+        await self._update_health()
+
+    # -- health ---------------------------------------------------------------------
+
+    def serving(self) -> bool:
+        """What every health name reports: the default model is loaded and the server is not draining."""
+        repository = self.engine.repository
+        return not self._draining and repository.is_loaded(repository.default_model)
+
+    def _repository_changed(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+        # Runs on the thread that loaded or unloaded the model.
+        if name != self.engine.repository.default_model:
+            return
+        try:
+            loop.call_soon_threadsafe(self._schedule_health_update)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    def _schedule_health_update(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._update_health())
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _update_health(self) -> None:
+        # One update at a time, each reading the state when it runs: the last one leaves the truth.
+        async with self._health_lock:
+            serving = self.serving()
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            if self._health_status is not None and status != self._health_status:
+                log.info("health: %s (default model %s %s)", health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                         self.engine.repository.default_model, "loaded" if serving else "not loaded")
+            self._health_status = status
+            for name in HEALTH_NAMES:
+                await self.health.set(name, status)
+
+    # -- shutdown -------------------------------------------------------------------
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first (load balancers stop sending), then drain, then close."""
+        """Drain, then close. Every health name turns NOT_SERVING (load balancers stop
+        sending; probes keep getting that answer), new work gets UNAVAILABLE, and the
+        listener stays open while calls in flight finish, for up to `grace` seconds
+        (the grace period by default); calls still running then are cancelled.
+        A second call waits for the first drain."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain_and_close(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _drain_and_close(self, grace: float | None) -> None:
+        grace = self.settings.grace_period if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self._draining = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         await self.health.enter_graceful_shutdown()
         self.kserve.ready = False
         self.engine.stop_accepting()
-        await self.grpc.stop(self.settings.grace_period if grace is None else grace)
+        in_flight = self.interceptor.active_calls
+        if in_flight:
+            log.info("draining: %d call(s) in flight, waiting up to %.1f s", in_flight, grace)
+            if not (grace > 0 and await self.interceptor.wait_idle(grace)):
+                log.warning("grace period of %.1f s over with %d call(s) still in flight; cancelling them",
+                            grace, self.interceptor.active_calls)
+        await self.grpc.stop(min(max(deadline - loop.time(), 0.0), CLOSING_GRACE))
         await self.engine.close()
+        for task in list(self._health_updates):
+            task.cancel()
+        self.close_metrics()
+
+    def close_metrics(self) -> None:
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()
+            self._metrics_httpd = None
 
     async def wait_for_termination(self) -> None:
         await self.grpc.wait_for_termination()
+
+
+def _add_port_quietly(server: grpc.aio.Server, address: str) -> int:
+    """server.add_insecure_port(address), or 0 when it cannot bind. On a failed bind
+    gRPC's C core writes its own log line straight to file descriptor 2; the caller
+    reports the failure in one line of its own, so that output is held back and
+    dropped (after a successful bind whatever was written meanwhile is passed on)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if port:
+            held.seek(0)
+            if written := held.read():
+                os.write(2, written)
+    return port
 
 
 def build_engine(settings: Settings, observer: BatchObserver | None = None) -> Engine:
@@ -91,7 +212,10 @@ def build_engine(settings: Settings, observer: BatchObserver | None = None) -> E
     limits = Limits(
         max_batch_size=settings.max_batch_size,
         max_response_bytes=settings.max_response_bytes,
+        max_chars_per_token=settings.max_chars_per_token,
+        stream_window_bytes=settings.stream_window_mib * MiB,
     )
+    budget = ResultBudget(settings.max_pending_result_mib * MiB, settings.pending_result_wait)
     batching = BatchConfig(
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
@@ -99,15 +223,21 @@ def build_engine(settings: Settings, observer: BatchObserver | None = None) -> E
         max_queue_delay=settings.max_queue_delay_ms / 1000,
         max_queue_tokens=settings.max_queue_tokens,
     )
-    return Engine(repository, limits, batching, observer)
+    return Engine(repository, limits, batching, observer, budget)
 
 
 def create_server(settings: Settings, engine: Engine | None = None) -> tuple[AttentionServer, int]:
-    """Load the models and bind the port (0 picks a free one); returns the server
-    and the port it is bound to. Call `await server.start()` from the event loop."""
+    """Bind the gRPC port (0 picks a free one), then the metrics port, then load the
+    models (unless `engine` is given): a busy port fails at once, not after a slow load.
+    Returns the server and its gRPC port; call `await server.start()` from the event loop.
+    Raises OSError (a port) or ModelLoadError (a model file) with a one-line message."""
     metrics = Metrics()
-    server = AttentionServer(settings, engine or build_engine(settings, metrics), metrics)
-    port = server.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    server = AttentionServer(settings, metrics)
+    port = server.bind()
+    try:
+        server.serve_metrics()
+        server.attach(engine or build_engine(settings, metrics))
+    except BaseException:
+        server.close_metrics()
+        raise
     return server, port

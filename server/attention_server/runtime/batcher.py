@@ -86,7 +86,9 @@ class Batcher:
         self._narrow_running = 0
         self._wide_running = False
         self._wakeup = asyncio.Event()
-        self._accepting = True
+        self._accepting = True  # new calls
+        self._closed = False  # any work
+        self._calls = 0  # calls that may still submit sequences (see enter/leave)
         self._task: asyncio.Task[None] | None = None
         cells = model.metadata.num_layers * model.metadata.num_heads * 4
         self._attention_bytes_per_cell = cells
@@ -105,7 +107,7 @@ class Batcher:
                finish: Callable[[Any], Any] | None = None) -> list[Job]:
         """Queue sequences of one call; raises Unavailable when shutting down and
         ResourceExhausted when the queue has no room."""
-        if not self._accepting:
+        if self._closed:
             raise Unavailable("server is shutting down; retry on another instance")
         tokens = sum(len(plan.tokens[i]) for i in indices)
         limit = self.config.max_queue_tokens
@@ -143,20 +145,32 @@ class Batcher:
                 kept.append(job)
         self._queue = kept
 
+    def enter(self) -> None:
+        """A call starts: it may submit sequences until it leaves, even while the
+        batcher drains (a stream submits its sequences as its caller reads)."""
+        if not self._accepting:
+            raise Unavailable("server is shutting down; retry on another instance")
+        self._calls += 1
+
+    def leave(self) -> None:
+        self._calls -= 1
+
     def stop_accepting(self) -> None:
+        """Refuse new calls; the calls under way still submit and finish."""
         self._accepting = False
 
     async def drain_and_close(self, poll: float = 0.05) -> None:
-        """Refuse new work, let queued and running batches finish, then close
-        (a model being unloaded or replaced)."""
+        """Refuse new calls, let the calls under way and their batches finish, then
+        close (a model being unloaded or replaced)."""
         self._accepting = False
-        while self._queue or self._narrow_running or self._wide_running:
+        while self._calls or self._queue or self._narrow_running or self._wide_running:
             await asyncio.sleep(poll)
         await self.close()
 
     async def close(self) -> None:
         """Fail what is still queued and stop the threads."""
         self._accepting = False
+        self._closed = True
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(Unavailable("server stopped before this sequence was computed"))

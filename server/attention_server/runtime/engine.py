@@ -297,13 +297,16 @@ class Engine:
         count the call as a success (the body finished) or a failure."""
         batcher = self.batcher(plan.model)
         started = time.perf_counter_ns()
-        jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
+        batcher.enter()
         ok = False
+        jobs: list[Job] = []
         try:
+            jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
             yield jobs
             ok = True
         finally:
             batcher.discard(jobs)
+            batcher.leave()
             (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
 
     async def analyze(self, plan: Plan, timeout: float | None = None,
@@ -333,6 +336,7 @@ class Engine:
         ahead = 0  # bytes of the results submitted and not yet taken
         started = time.perf_counter_ns()
         ok = False
+        batcher.enter()
 
         def remaining() -> float | None:
             return None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -366,12 +370,13 @@ class Engine:
             ok = True
         finally:
             batcher.discard(list(pending.values()))
+            batcher.leave()
             for lease in leases:
                 lease.release()
             (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
 
     def stop_accepting(self) -> None:
-        """Refuse new work (shutdown); queued work still completes."""
+        """Refuse new calls (shutdown); the calls under way still complete."""
         self._accepting = False
         for batcher in self._batchers.values():
             batcher.stop_accepting()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..errors import ModelLoadError
 from .types import Tokens
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,12 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's errors (InvalidProtobuf, Fail, ...) derive from Exception only
+        reason = str(exc).replace(str(path), "the file")
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({reason}); re-export the model (make model), "
+                             "or keep --verify-checksums on to catch a damaged file") from exc
 
 
 class OnnxModel:
@@ -52,8 +58,8 @@ class OnnxModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if set(self.input_names) != set(inputs) or not set(outputs) <= set(self.output_names):
-            raise ValueError(f"{path}: graph inputs {self.input_names} / outputs {self.output_names} "
-                             f"do not match model.json ({inputs} / {outputs})")
+            raise ModelLoadError(f"{path}: graph inputs {self.input_names} / outputs {self.output_names} "
+                                 f"do not match model.json ({inputs} / {outputs})")
 
     def run(self, feed: dict[str, np.ndarray], outputs: list[str], wide: bool = True) -> dict[str, np.ndarray]:
         """Run the graph; `feed` may hold more inputs than the graph takes."""

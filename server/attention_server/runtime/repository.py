@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "model.json"
+# Called with (model name, loaded?) after a model is loaded or unloaded while serving,
+# on whichever thread did it (load_one runs in a worker thread).
+Listener = Callable[[str, bool], None]
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class ModelMetadata:
             fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
             return cls(**fields)
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise ModelLoadError(f"{path}: unreadable model metadata: {exc}") from exc
+            raise ModelLoadError(f"{path}: unreadable model metadata ({exc}); "
+                                 "re-export the model (make model)") from exc
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = 
     metadata = ModelMetadata.from_file(folder / METADATA_FILE)
     onnx_path = folder / metadata.onnx_file
     if not onnx_path.is_file():
-        raise ModelLoadError(f"{onnx_path}: missing ONNX file")
+        raise ModelLoadError(f"{onnx_path}: missing ONNX file; re-export the model (make model)")
     if verify_checksum and sha256_file(onnx_path) != metadata.sha256:
         raise ModelLoadError(f"{onnx_path}: sha256 does not match {METADATA_FILE}; re-export the model")
     tokenizer = TextTokenizer(folder / metadata.tokenizer_file, metadata)
@@ -117,6 +122,25 @@ class ModelRepository:
         self._models = models
         self.default_model = default_model
         self.options = options or LoadOptions()
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(name, loaded)` after every load_one/unload (health follows
+        the default model this way); returns a function that unsubscribes."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _changed(self, name: str, loaded: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(name, loaded)
+            except Exception:  # a listener's bug must not turn a good load into a failed call
+                log.exception("repository listener failed for %s", name)
 
     @classmethod
     def load(cls, root: Path, names: list[str], default_model: str, intra_op_threads: int = 0,
@@ -128,12 +152,13 @@ class ModelRepository:
         wanted = names or list(available)
         missing = [n for n in wanted if n not in available]
         if missing:
-            raise ModelLoadError(f"models {missing} not in {root} (found: {sorted(available)})")
+            raise ModelLoadError(f"models {missing} not in {root} (found: {sorted(available)}); check --models")
         models = {name: cls._load_folder(available[name], options) for name in wanted}
         if not models:
             raise ModelLoadError(f"no models in {root}; export one first (make model)")
         if default_model not in models:
-            raise ModelLoadError(f"default model {default_model!r} is not loaded (loaded: {sorted(models)})")
+            raise ModelLoadError(f"default model {default_model!r} is not loaded (loaded: {sorted(models)}); "
+                                 "check --default-model and --models")
         return cls(root, models, default_model, options)
 
     @staticmethod
@@ -158,6 +183,9 @@ class ModelRepository:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def is_loaded(self, name: str) -> bool:
+        return name in self._models
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._models[n] for n in self.names())
 
@@ -176,10 +204,12 @@ class ModelRepository:
             raise ModelNotFound(name, list(self._folders(self.root)) if self.root.is_dir() else [])
         model = self._load_folder(folder, self.options)
         self._models[name] = model
+        self._changed(name, True)
         return model
 
     def unload(self, name: str) -> LoadedModel:
         model = self._models.pop(name, None)
         if model is None:
             raise ModelNotFound(name, list(self._models))
+        self._changed(name, False)
         return model

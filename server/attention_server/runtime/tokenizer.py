@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from ..errors import ModelLoadError
 from .types import Tokens
 
 if TYPE_CHECKING:
@@ -21,7 +22,14 @@ if TYPE_CHECKING:
 
 class TextTokenizer:
     def __init__(self, path: Path, metadata: ModelMetadata) -> None:
-        self._tokenizer = Tokenizer.from_file(str(path))
+        """Load `path`; raises ModelLoadError naming the file when it is missing or unreadable."""
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing tokenizer file; re-export the model (make model)")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for every parse error
+            raise ModelLoadError(f"{path}: not a valid tokenizer file ({exc}); "
+                                 "re-export the model (make model)") from exc
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self._prefix = metadata.continuing_subword_prefix
