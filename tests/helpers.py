@@ -25,8 +25,8 @@ class ServerThread:
     """A real grpc.aio server running on a background thread's event loop."""
 
     def __init__(self, **settings: object) -> None:
-        settings = {"metrics_port": 0, **settings}
-        self.settings = Settings(host="127.0.0.1", port=0, model_repository=REPOSITORY, **settings)
+        settings = {"metrics_port": 0, "model_repository": REPOSITORY, **settings}
+        self.settings = Settings(host="127.0.0.1", port=0, **settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self.server: AttentionServer | None = None

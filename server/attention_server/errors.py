@@ -13,6 +13,7 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     INTERNAL = "INTERNAL"
 
 
@@ -67,6 +68,12 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = Code.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(ServiceError):
+    """The request is fine but the server's state refuses it (e.g. a model folder that cannot be loaded)."""
+
+    code = Code.FAILED_PRECONDITION
 
 
 class ModelLoadError(Exception):

@@ -4,17 +4,21 @@ stderr naming the port or file and what to do, exit code 2, nothing else."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from attention_server._proto.inference import grpc_service_pb2 as kpb
+from attention_server._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from attention_server.grpc_api.server import create_server
 from attention_server.settings import Settings
-from tests.helpers import MODEL_DIR, REPOSITORY
+from tests.helpers import MODEL_DIR, REPOSITORY, ServerThread
 
 FILES = ("model.json", "model.onnx", "roles.json", "tokenizer.json")
 
@@ -108,3 +112,21 @@ def test_missing_model_repository_is_one_line(tmp_path):
 def test_empty_model_repository_is_one_line(tmp_path):
     done = start("--port", "0", "--metrics-port", "-1", "--model-repository", str(tmp_path))
     assert_one_line_failure(done, "no models in", "make model")
+
+
+def test_a_model_that_cannot_load_at_run_time_is_failed_precondition_without_server_paths(tmp_path):
+    repository = repository_with(tmp_path, {})
+    broken = repository / "broken"
+    broken.mkdir()
+    meta = json.loads((MODEL_DIR / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({**meta, "name": "broken"}))
+    (broken / "model.onnx").symlink_to(MODEL_DIR / "model.onnx")
+    (broken / "tokenizer.json").write_text("{ not json")
+    with ServerThread(model_repository=repository, models=[MODEL_DIR.name]) as srv, \
+            grpc.insecure_channel(srv.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            kpb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                kpb.RepositoryModelLoadRequest(model_name="broken"), timeout=120)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
+    details = err.value.details()
+    assert "broken/tokenizer.json" in details and str(tmp_path) not in details, details

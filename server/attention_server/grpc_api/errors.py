@@ -19,6 +19,7 @@ STATUS = {
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Code.CANCELLED: grpc.StatusCode.CANCELLED,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 

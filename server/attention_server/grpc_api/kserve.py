@@ -13,7 +13,7 @@ import grpc
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as kpb
 from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from ..errors import InvalidArgument, ModelNotFound, ServiceError, quote
+from ..errors import FailedPrecondition, InvalidArgument, ModelLoadError, ModelNotFound, ServiceError, quote
 from ..runtime.budget import Lease
 from ..runtime.engine import Engine
 from ..runtime.repository import LoadedModel
@@ -220,7 +220,13 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
                                   context: grpc.aio.ServicerContext) -> kpb.RepositoryModelLoadResponse:
         if not request.model_name:
             raise InvalidArgument("model_name", "is required")
-        await self.engine.load_model(request.model_name)
+        try:
+            await self.engine.load_model(request.model_name)
+        except ModelLoadError as exc:
+            # Name the file inside the repository, never the server's own paths.
+            reason = str(exc).replace(f"{self.engine.repository.root}/", "").replace(
+                str(self.engine.repository.root), "the repository")
+            raise FailedPrecondition(f"model {quote(request.model_name)} cannot be loaded: {reason}") from None
         log.info("loaded model %s on request", request.model_name)
         return kpb.RepositoryModelLoadResponse()
 
