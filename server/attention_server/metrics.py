@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .runtime.stats import BatchObserver
@@ -21,12 +21,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class _QueueCollector(Collector):
-    """Queue depth and queued tokens per model, read at scrape time."""
+    """Queue depth and queued tokens per model and the pending-result budget, read at scrape time."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily("attention_queue_depth", "Sequences waiting for a runtime batch", labels=["model"])
         tokens = GaugeMetricFamily("attention_queue_tokens", "Tokens waiting for a runtime batch", labels=["model"])
         for batcher in self.engine.batchers():
@@ -34,6 +34,17 @@ class _QueueCollector(Collector):
             tokens.add_metric([batcher.model.name], batcher.queued_tokens)
         yield depth
         yield tokens
+        budget = self.engine.budget
+        yield GaugeMetricFamily("attention_pending_result_bytes",
+                                "Bytes of results reserved: computed or being computed, not yet sent",
+                                value=budget.held)
+        yield GaugeMetricFamily("attention_pending_result_budget_bytes",
+                                "The pending-result budget (max_pending_result_mib)", value=budget.capacity)
+        yield CounterMetricFamily("attention_pending_result_waits", "Calls that waited for room in the budget",
+                                  value=budget.waited)
+        yield CounterMetricFamily("attention_pending_result_refusals",
+                                  "Calls refused (RESOURCE_EXHAUSTED) after waiting for room in the budget",
+                                  value=budget.refused)
 
 
 class Metrics(BatchObserver):

@@ -16,6 +16,7 @@ from attention_client import AttentionClient
 from attention_server._proto.inference import grpc_service_pb2 as kpb
 from attention_server._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from bench import hostile
+from tests.helpers import ServerThread, wait_until
 
 PLAIN_FORBIDDEN = ("Traceback", "DecodeError", "<class", "site-packages", 'File "')
 
@@ -218,3 +219,22 @@ def test_undecodable_requests_are_invalid_argument_with_one_warning(server):
     lines = server.log[before:]
     assert sum("WARNING" in line and "malformed request" in line for line in lines) == 3, lines
     assert not any("Traceback" in line for line in lines)
+
+
+def test_a_full_result_budget_makes_new_work_wait_then_refuses_it_and_recovers():
+    with ServerThread(max_pending_result_mib=8, pending_result_wait=0.5) as srv:
+        budget = srv.server.engine.budget
+        request = hostile.pb.AnalyzeRequest(sequences=[hostile.pb.Sequence(text="word " * 300)] * 8)
+        with grpc.insecure_channel(srv.target, options=hostile.CHANNEL_OPTIONS) as channel, \
+                AttentionClient(srv.target, timeout=60) as client:
+            call = channel.unary_stream(hostile.ANALYZE_STREAM)(request.SerializeToString(), timeout=120)
+            next(iter(call))  # then stop reading: its next results hold the whole 8 MiB budget
+            wait_until(lambda: budget.held == budget.capacity, timeout=30)
+            with pytest.raises(Exception) as refused:
+                client.analyze("no room for me", attention=False)
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+            assert "max_pending_result_mib=8" in refused.value.details
+            call.cancel()
+            wait_until(lambda: budget.held == 0, timeout=30)
+            assert len(client.analyze("room again", attention=False).tokens) == 4
+        assert budget.refused == 1 and budget.waited >= 1

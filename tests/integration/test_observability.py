@@ -60,6 +60,8 @@ def test_metrics_move_with_real_calls():
     assert _get(after, "attention_request_duration_seconds_count", service=svc, method="Analyze") >= 3
     assert _get(after, "attention_inflight_requests", service=svc) == 0
     assert ("attention_queue_depth", (("model", "minilm-l6"),)) in after
+    assert _get(after, "attention_pending_result_bytes") == 0  # every reservation was given back
+    assert _get(after, "attention_pending_result_budget_bytes") == 512 << 20
 
 
 def test_json_logs_carry_the_request_id_which_is_echoed_back():
