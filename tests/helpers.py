@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -111,3 +112,12 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
             raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
         time.sleep(interval)
     return value
+
+
+def place_model_file(source: Path, target: Path) -> None:
+    """Put a model file into a test repository: a hard link (cheap; a symbolic link to a file
+    outside the model folder is refused by the server), a copy across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

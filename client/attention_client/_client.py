@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from ._channel import ChannelSecurity, PemSource, channel_security
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 from ._request import SequenceLike, build_request
@@ -32,11 +33,12 @@ class _CallDefaults:
 
     timeout: float | None
     metadata: tuple[tuple[str, str], ...]
+    _security: ChannelSecurity = ChannelSecurity()
 
     def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
         return {
             "timeout": self.timeout if timeout is None else timeout,
-            "metadata": self.metadata if metadata is None else tuple(metadata),
+            "metadata": self._security.with_call_metadata(self.metadata if metadata is None else tuple(metadata)),
         }
 
 
@@ -46,6 +48,24 @@ class AttentionClient(_CallDefaults):
     `timeout` (seconds) and `metadata` set here apply to every call unless a call
     passes its own. Failed calls raise AttentionError with the gRPC status code.
     Use as a context manager, or call close().
+
+    Security (plaintext unless one of these is given):
+
+    - `root_certificates`: the CA(s) that signed the server's certificate.
+    - `certificate_chain` and `private_key`: this client's certificate and key, for
+      a server that requires mutual TLS (both or neither).
+    - `tls=True`: TLS with gRPC's default roots (the Mozilla set grpcio ships, or
+      the file named by $GRPC_DEFAULT_SSL_ROOTS_FILE_PATH); implied by the above.
+    - `credentials`: ready-made grpc.ChannelCredentials, instead of the PEM arguments.
+
+    Each PEM argument is bytes, PEM text, or the path (str or Path) of a PEM file;
+    files are read once, here. A missing file raises FileNotFoundError naming it.
+
+    `token` is sent as `authorization: Bearer <token>` on every call. When it is
+    None, $ATTENTION_TOKEN is used if set; pass token="" to send none. Over TLS
+    the token travels as gRPC call credentials. Over plaintext (gRPC refuses call
+    credentials there) it is added as call metadata instead: meant for a server on
+    this machine, it warns for any other target, since anyone on the path can read it.
     """
 
     def __init__(
@@ -54,13 +74,20 @@ class AttentionClient(_CallDefaults):
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        tls: bool = False,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
+        self._security = channel_security(
+            target, root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, tls=tls, token=token, credentials=credentials)
         opts = CHANNEL_OPTIONS + list(options or [])
-        self._channel = (
-            grpc.secure_channel(target, credentials, opts) if credentials else grpc.insecure_channel(target, opts)
-        )
+        creds = self._security.credentials
+        self._channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
         # Analyze responses are decoded without copying their tensors (see _wire).
         self._analyze_raw = self._channel.unary_unary(

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from ._channel import PemSource, channel_security
 from ._client import ANALYZE, ANALYZE_STREAM, CHANNEL_OPTIONS, Metadata, _CallDefaults
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
@@ -17,7 +18,11 @@ from .results import AnalyzeResult, ModelInfo
 
 
 class AsyncAttentionClient(_CallDefaults):
-    """asyncio twin of AttentionClient (grpc.aio). Use `async with`, or await close()."""
+    """asyncio twin of AttentionClient (grpc.aio). Use `async with`, or await close().
+
+    Takes the same arguments as AttentionClient, TLS, mutual TLS and `token`
+    ($ATTENTION_TOKEN when None) included; see its docstring.
+    """
 
     def __init__(
         self,
@@ -25,13 +30,21 @@ class AsyncAttentionClient(_CallDefaults):
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        tls: bool = False,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
+        self._security = channel_security(
+            target, root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, tls=tls, token=token, credentials=credentials)
         opts = CHANNEL_OPTIONS + list(options or [])
+        creds = self._security.credentials
         self._channel = (
-            grpc.aio.secure_channel(target, credentials, opts) if credentials
-            else grpc.aio.insecure_channel(target, opts)
+            grpc.aio.secure_channel(target, creds, opts) if creds else grpc.aio.insecure_channel(target, opts)
         )
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
         # Analyze responses are decoded without copying their tensors (see _wire).

@@ -4,6 +4,7 @@
     attention-client analyze "..." --json result.json --npz result.npz
     attention-client models
     attention-client heads [MODEL]
+    attention-client --ca-file ca.pem --token-file token.txt models    # TLS and a bearer token
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ._channel import TOKEN_ENV, read_pem
 from ._client import AttentionClient
 from .errors import AttentionError
 from .results import AnalyzeResult, ModelInfo
@@ -80,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=os.environ.get("ATTENTION_TARGET", "localhost:50051"),
                         help="server address (default: $ATTENTION_TARGET or localhost:50051)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    security = parser.add_argument_group(
+        "security", "TLS when any of --tls, --ca-file, --cert-file, --key-file is given; plaintext otherwise")
+    security.add_argument("--tls", action="store_true",
+                          help="TLS, trusting gRPC's default root certificates (use --ca-file for a private CA)")
+    security.add_argument("--ca-file", type=Path, metavar="PEM",
+                          help="CA certificate(s) that signed the server's certificate (implies TLS)")
+    security.add_argument("--cert-file", type=Path, metavar="PEM",
+                          help="client certificate chain, for a server that requires mutual TLS (with --key-file)")
+    security.add_argument("--key-file", type=Path, metavar="PEM", help="private key of --cert-file")
+    token = security.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="TOKEN", default=None,
+                       help=f"bearer token sent as 'authorization: Bearer ...' (default: ${TOKEN_ENV}); "
+                            "visible to other local users in the process list, prefer --token-file or the "
+                            "environment variable")
+    token.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="read the bearer token from this file (its first line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     analyze = sub.add_parser("analyze", help="top pairs per head for one or more texts")
@@ -109,10 +127,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, the first line of --token-file, or None ($ATTENTION_TOKEN, read by the client)."""
+    if args.token_file is None:
+        return args.token
+    try:
+        lines = args.token_file.read_text().splitlines()
+    except OSError as exc:
+        raise OSError(f"--token-file: cannot read {args.token_file}: {exc.strerror or exc}") from None
+    if not lines or not lines[0].strip():
+        raise ValueError(f"--token-file: {args.token_file} is empty")
+    return lines[0]
+
+
+def _open_client(args: argparse.Namespace) -> AttentionClient:
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ValueError("--cert-file and --key-file go together (a client certificate and its key)")
+    return AttentionClient(args.target, timeout=args.timeout, root_certificates=read_pem(args.ca_file, "--ca-file"),
+                           certificate_chain=read_pem(args.cert_file, "--cert-file"),
+                           private_key=read_pem(args.key_file, "--key-file"), tls=args.tls, token=_token(args))
+
+
+def _say(exc: Exception) -> str:
+    """An error about a file, as a person reads it: no errno, the file named once."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with AttentionClient(args.target, timeout=args.timeout) as client:
+        client = _open_client(args)
+    except (OSError, ValueError) as exc:  # a missing or bad PEM or token file: the message names it
+        print(f"attention-client: {_say(exc)}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             if args.command == "explore":
                 from .explore import Explorer
 

@@ -25,12 +25,16 @@ async def serve(settings: Settings) -> None:
     # Tests and scripts read the bound port from this line (port 0 picks one).
     print(f"attention-server listening on {settings.host}:{port}", flush=True)
     if server.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", server.metrics_host, server.metrics_port)
+    log.info("gRPC port %d: %s, %s, model control %s", port,
+             "mutual TLS" if settings.tls_client_ca_file else "TLS" if server.tls else "plaintext",
+             "bearer tokens" if server.tokens else "no tokens", settings.model_control_mode)
     log.info("serving models %s (default %s)", server.engine.repository.names(), settings.default_model)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining for up to %.1f s", settings.grace_period)
     await server.stop()
@@ -43,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(settings.log_level, settings.log_format)
     from .errors import ModelLoadError
+    from .grpc_api.auth import TokenFileError
 
     try:
         asyncio.run(serve(settings))
-    except (ModelLoadError, OSError) as exc:
+    except (ModelLoadError, OSError, TokenFileError) as exc:
         # A start-up failure the operator fixes (a port, a model file): one line that
         # names it and what to do, no traceback. Anything else is a bug and keeps its traceback.
         log.error("cannot start: %s", " ".join(str(exc).split()))

@@ -14,6 +14,8 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     INTERNAL = "INTERNAL"
 
 
@@ -74,6 +76,14 @@ class FailedPrecondition(ServiceError):
     """The request is fine but the server's state refuses it (e.g. a model folder that cannot be loaded)."""
 
     code = Code.FAILED_PRECONDITION
+
+
+class Unauthenticated(ServiceError):
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = Code.PERMISSION_DENIED
 
 
 class ModelLoadError(Exception):

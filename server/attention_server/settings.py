@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     """ONNX Runtime threads of the wide session (a lone batch on an idle server); 0 = one per core."""
     instances: int = Field(0, ge=0)
     """Single-threaded runs side by side under load; 0 = one per core, 1 = only the wide session."""
+    ort_memory_arena: Literal["keep", "shrink", "off"] = "shrink"
+    """ONNX Runtime's CPU memory arena: `keep` holds the largest run's buffers for reuse (and never gives
+    them back), `shrink` gives them back after large runs only, `off` allocates every run anew."""
     tune_malloc: bool = True
     """Raise glibc's mmap/trim thresholds so multi-MB responses reuse heap memory (see attention_client.memory)."""
     verify_checksums: bool = True
@@ -82,9 +85,22 @@ class Settings(BaseSettings):
     grace_period: float = Field(10.0, ge=0)
     """Seconds in-flight calls get to finish after SIGTERM."""
     metrics_host: str = "0.0.0.0"
-    """Address of the Prometheus endpoint."""
+    """Address of the Prometheus endpoint (plain HTTP). With TLS on and this not set, 127.0.0.1."""
     metrics_port: int = Field(8002, ge=-1, le=65535)
     """Prometheus /metrics port; 0 picks a free one, -1 turns the endpoint off."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the server; with tls_key_file, the gRPC port serves TLS only.
+    Replacing the files rotates the certificate for new connections, no restart needed."""
+    tls_key_file: Path | None = None
+    """PEM private key of the server certificate."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA certificates: clients must present a certificate signed by one of them (mutual TLS)."""
+    auth_tokens_file: Path | None = None
+    """Bearer tokens: one `ROLE:SHA256HEX` a line (roles `infer`, `admin`; `#` comments). When set, every
+    call but health needs `authorization: Bearer <token>`. Re-read when the file changes."""
+    model_control_mode: Literal["none", "explicit"] = "none"
+    """`none`: models load at start only, RepositoryModelLoad/Unload are refused. `explicit`: they are
+    allowed (to the `admin` role when tokens are on)."""
     log_level: str = "INFO"
     """Python logging level."""
     log_format: Literal["text", "json"] = "text"

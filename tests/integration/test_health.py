@@ -41,7 +41,7 @@ def all_are(status: int) -> Callable[[dict[str, int]], bool]:
 
 
 def test_health_follows_the_default_model_through_unload_and_load():
-    with ServerThread() as srv, grpc.insecure_channel(srv.target) as channel, \
+    with ServerThread(model_control_mode="explicit") as srv, grpc.insecure_channel(srv.target) as channel, \
             AttentionClient(srv.target, timeout=60) as client:
         kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
         assert all_are(SERVING)(probe(srv.target))
@@ -60,7 +60,7 @@ def test_health_follows_the_default_model_through_unload_and_load():
 
 
 def test_health_watchers_see_the_default_model_go_and_come_back():
-    with ServerThread() as srv, grpc.insecure_channel(srv.target) as channel:
+    with ServerThread(model_control_mode="explicit") as srv, grpc.insecure_channel(srv.target) as channel:
         kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
         try:

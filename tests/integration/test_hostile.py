@@ -119,9 +119,9 @@ def test_an_unread_stream_stops_being_computed(server):
         with AttentionClient(server.target, timeout=60) as client:  # others are still served meanwhile
             assert len(client.analyze("others are served", top_k=1).tokens) == 5
         call.cancel()
-    # One result read, one taken whole into the client's transport buffer, one being written and one
-    # computed ahead: nothing more until the caller reads.
-    assert computed <= 4, computed
+    # Computing stopped: one result read, one being written and one computed ahead, plus what the
+    # client's own transport took into its flow-control window (a few results; not held by the server).
+    assert computed <= 8, computed
     assert peak < 512, peak
 
 
@@ -213,11 +213,13 @@ def test_undecodable_requests_are_invalid_argument_with_one_warning(server):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
         assert "could not be decoded" in err.value.details()
         _plain(err.value.details())
-    deadline = time.monotonic() + 10
-    while len(server.log) - before < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def warnings() -> int:
+        return sum("WARNING" in line and "malformed request" in line for line in server.log[before:])
+
+    wait_until(lambda: warnings() >= 3, timeout=10)
     lines = server.log[before:]
-    assert sum("WARNING" in line and "malformed request" in line for line in lines) == 3, lines
+    assert warnings() == 3, lines
     assert not any("Traceback" in line for line in lines)
 
 

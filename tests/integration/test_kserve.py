@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attention_client import AttentionClient
-from tests.helpers import MODEL_DIR, ROOT, ServerProcess
+from tests.helpers import MODEL_DIR, ROOT, ServerProcess, place_model_file
 
 PROGRAM = ROOT / "tests" / "integration" / "triton" / "bert_client.py"
 
@@ -17,14 +17,17 @@ PROGRAM = ROOT / "tests" / "integration" / "triton" / "bert_client.py"
 @pytest.fixture(scope="module")
 def triton_run(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repository")
-    (repo / "minilm-l6").symlink_to(MODEL_DIR)
+    (repo / "minilm-l6").mkdir()
+    for path in MODEL_DIR.iterdir():
+        place_model_file(path, repo / "minilm-l6" / path.name)
     second = repo / "second"
     second.mkdir()
     for name in ("model.onnx", "tokenizer.json"):
-        (second / name).symlink_to(MODEL_DIR / name)
+        place_model_file(MODEL_DIR / name, second / name)
     meta = json.loads((MODEL_DIR / "model.json").read_text())
     (second / "model.json").write_text(json.dumps({**meta, "name": "second"}))
-    with ServerProcess("--model-repository", str(repo), "--models", '["minilm-l6"]') as proc:
+    with ServerProcess("--model-repository", str(repo), "--models", '["minilm-l6"]',
+                       "--model-control-mode", "explicit") as proc:
         done = subprocess.run([sys.executable, str(PROGRAM), "--url", proc.target, "--second", "second"],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

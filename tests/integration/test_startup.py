@@ -18,7 +18,7 @@ from attention_server._proto.inference import grpc_service_pb2 as kpb
 from attention_server._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from attention_server.grpc_api.server import create_server
 from attention_server.settings import Settings
-from tests.helpers import MODEL_DIR, REPOSITORY, ServerThread
+from tests.helpers import MODEL_DIR, REPOSITORY, ServerThread, place_model_file
 
 FILES = ("model.json", "model.onnx", "roles.json", "tokenizer.json")
 
@@ -33,13 +33,13 @@ def busy_port() -> Iterator[int]:
 
 
 def repository_with(tmp_path: Path, replaced: dict[str, bytes | None]) -> Path:
-    """A repository with the exported model's files (linked), some of them replaced
+    """A repository with the exported model's files (hard-linked), some of them replaced
     by the given bytes or left out (None)."""
     folder = tmp_path / "repository" / MODEL_DIR.name
     folder.mkdir(parents=True)
     for name in FILES:
         if name not in replaced:
-            (folder / name).symlink_to(MODEL_DIR / name)
+            place_model_file(MODEL_DIR / name, folder / name)
         elif (content := replaced[name]) is not None:
             (folder / name).write_bytes(content)
     return folder.parent
@@ -120,9 +120,9 @@ def test_a_model_that_cannot_load_at_run_time_is_failed_precondition_without_ser
     broken.mkdir()
     meta = json.loads((MODEL_DIR / "model.json").read_text())
     (broken / "model.json").write_text(json.dumps({**meta, "name": "broken"}))
-    (broken / "model.onnx").symlink_to(MODEL_DIR / "model.onnx")
+    place_model_file(MODEL_DIR / "model.onnx", broken / "model.onnx")
     (broken / "tokenizer.json").write_text("{ not json")
-    with ServerThread(model_repository=repository, models=[MODEL_DIR.name]) as srv, \
+    with ServerThread(model_repository=repository, models=[MODEL_DIR.name], model_control_mode="explicit") as srv, \
             grpc.insecure_channel(srv.target) as channel:
         with pytest.raises(grpc.RpcError) as err:
             kpb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(

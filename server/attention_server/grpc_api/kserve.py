@@ -33,8 +33,10 @@ def _duration(d: Duration) -> kpb.StatisticDuration:
 
 
 class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int, max_stream_inflight: int = 8) -> None:
+    def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int, max_stream_inflight: int = 8,
+                 model_control_mode: str = "none") -> None:
         self.engine = engine
+        self.model_control_mode = model_control_mode
         self.max_stream_inflight = max_stream_inflight
         self.instances = instances
         self.max_queue_delay_us = max_queue_delay_us
@@ -216,8 +218,15 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             for e in entries if e.state == "READY" or not request.ready
         ])
 
+    def _model_control(self, what: str) -> None:
+        if self.model_control_mode != "explicit":
+            raise FailedPrecondition(f"model control is off (--model-control-mode none): models load at start "
+                                     f"only and cannot be {what} over the API; start the server with "
+                                     "--model-control-mode explicit to allow it")
+
     async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
                                   context: grpc.aio.ServicerContext) -> kpb.RepositoryModelLoadResponse:
+        self._model_control("loaded")
         if not request.model_name:
             raise InvalidArgument("model_name", "is required")
         try:
@@ -232,6 +241,7 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
+        self._model_control("unloaded")
         if not request.model_name:
             raise InvalidArgument("model_name", "is required")
         await self.engine.unload_model(request.model_name)

@@ -23,10 +23,12 @@ from ..runtime.engine import Engine, Limits
 from ..runtime.repository import ModelRepository
 from ..runtime.stats import BatchObserver
 from ..settings import MiB, Settings
+from .auth import AuthInterceptor, TokenStore
 from .interceptor import ObservabilityInterceptor
 from .kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve import InferenceServicer
 from .servicer import SERVICE_NAME, AttentionServicer
+from .tls import server_credentials
 from .transport import server_options
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,12 @@ class AttentionServer:
         self.metrics_port: int | None = None
         self._metrics_httpd: Any = None
         self.interceptor = ObservabilityInterceptor(metrics)
+        # Tokens are checked inside the observability interceptor, which maps and counts their denials.
+        self.tokens = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        self.tls = server_credentials(settings)
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
-            interceptors=[self.interceptor],
+            interceptors=[self.interceptor, *([AuthInterceptor(self.tokens)] if self.tokens else [])],
             options=server_options(settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -71,7 +76,7 @@ class AttentionServer:
     def bind(self) -> int:
         """Bind the gRPC port (0 picks a free one) and return it; raises OSError naming the address."""
         address = f"{self.settings.host}:{self.settings.port}"
-        port = _add_port_quietly(self.grpc, address)
+        port = _add_port_quietly(self.grpc, address, self.tls.credentials if self.tls else None)
         if port == 0:
             raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this machine); "
                           "stop what holds it or choose another --port (0 picks a free one) or --host")
@@ -80,8 +85,19 @@ class AttentionServer:
     def serve_metrics(self) -> None:
         """Start the Prometheus endpoint unless it is off; raises OSError naming the port."""
         if self.settings.metrics_port >= 0:
-            self._metrics_httpd, self.metrics_port = self.metrics.serve(self.settings.metrics_host,
-                                                                        self.settings.metrics_port)
+            self._metrics_httpd, self.metrics_port = self.metrics.serve(self.metrics_host, self.settings.metrics_port)
+
+    @property
+    def metrics_host(self) -> str:
+        """The metrics endpoint is plain HTTP: with TLS on it stays on loopback unless told otherwise."""
+        if self.tls is not None and "metrics_host" not in self.settings.model_fields_set:
+            return "127.0.0.1"
+        return self.settings.metrics_host
+
+    def reload_tokens(self) -> None:
+        """Read the tokens file again now (SIGHUP); it is also re-read when it changes."""
+        if self.tokens is not None:
+            self.tokens.reload()
 
     def attach(self, engine: Engine) -> None:
         """Register attention.v1 and the Open Inference Protocol over `engine` (after bind, before start)."""
@@ -90,7 +106,7 @@ class AttentionServer:
         self.grpc.add_generic_rpc_handlers((AttentionServicer(engine).handler(),))
         self.kserve = InferenceServicer(engine, engine.repository.options.instances,
                                         int(self.settings.max_queue_delay_ms * 1000),
-                                        self.settings.max_stream_inflight)
+                                        self.settings.max_stream_inflight, self.settings.model_control_mode)
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
 
     async def start(self) -> None:
@@ -177,8 +193,9 @@ class AttentionServer:
         await self.grpc.wait_for_termination()
 
 
-def _add_port_quietly(server: grpc.aio.Server, address: str) -> int:
-    """server.add_insecure_port(address), or 0 when it cannot bind. On a failed bind
+def _add_port_quietly(server: grpc.aio.Server, address: str,
+                      credentials: grpc.ServerCredentials | None = None) -> int:
+    """server.add_insecure_port(address) (add_secure_port with credentials), or 0 when it cannot bind. On a failed bind
     gRPC's C core writes its own log line straight to file descriptor 2; the caller
     reports the failure in one line of its own, so that output is held back and
     dropped (after a successful bind whatever was written meanwhile is passed on)."""
@@ -187,7 +204,8 @@ def _add_port_quietly(server: grpc.aio.Server, address: str) -> int:
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            port = server.add_insecure_port(address)
+            port = (server.add_secure_port(address, credentials) if credentials is not None
+                    else server.add_insecure_port(address))
         except RuntimeError:
             port = 0
         finally:
@@ -208,6 +226,7 @@ def build_engine(settings: Settings, observer: BatchObserver | None = None) -> E
         intra_op_threads=settings.intra_op_threads,
         verify_checksums=settings.verify_checksums,
         instances=settings.instances or len(os.sched_getaffinity(0)),
+        memory_arena=settings.ort_memory_arena,
     )
     limits = Limits(
         max_batch_size=settings.max_batch_size,

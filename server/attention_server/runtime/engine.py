@@ -23,7 +23,7 @@ from ..errors import InvalidArgument, ResourceExhausted, Unavailable
 from .batcher import BatchConfig, Batcher, Job
 from .budget import Lease, ResultBudget
 from .heads import FUSIONS
-from .repository import LoadedModel, ModelRepository
+from .repository import LoadedModel, ModelRepository, check_model_name
 from .stats import BatcherStats, BatchObserver
 from .types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput, Tokens
 
@@ -114,6 +114,8 @@ class Engine:
         self._batchers: dict[str, Batcher] = {}
         self._accepting = True
         self.budget = budget or ResultBudget(1 << 30, 30.0)
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # batchers of replaced models, draining
 
     # -- validation ---------------------------------------------------------------
 
@@ -251,15 +253,27 @@ class Engine:
         return self.batcher(model).stats
 
     async def load_model(self, name: str) -> LoadedModel:
-        """Load or reload a model folder while serving; calls already queued on a
-        previous instance finish there."""
+        """Load or reload a model folder while serving; calls already under way on a
+        previous instance finish there. Concurrent loads of one model are one load:
+        every caller waits for it and gets its outcome."""
+        check_model_name(name)
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = asyncio.ensure_future(self._load(name))
+            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, name: str) -> LoadedModel:
         model = await asyncio.to_thread(self.repository.load_one, name)
         old = self._batchers.pop(name, None)
         if old is not None and old.model is not model:
-            asyncio.get_running_loop().create_task(old.drain_and_close())
+            task = asyncio.get_running_loop().create_task(old.drain_and_close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return model
 
     async def unload_model(self, name: str) -> None:
+        check_model_name(name)
         self.repository.unload(name)
         old = self._batchers.pop(name, None)
         if old is not None:

@@ -6,19 +6,38 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError, ModelNotFound
-from .onnx_model import OnnxModel
+from ..errors import InvalidArgument, ModelLoadError, ModelNotFound, quote
+from .onnx_model import ArenaMode, OnnxModel
 from .roles import HeadRole, load_or_compute
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "model.json"
+# What a model may be called in requests and on disk.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_model_name(name: str) -> None:
+    """InvalidArgument unless `name` is a model name (which can never be a path)."""
+    if not MODEL_NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidArgument("model_name", f"{quote(name)} is not a model name: 1 to 64 of A-Z a-z 0-9 _ . -, "
+                              "starting with a letter or digit")
+
+
+def inside(folder: Path, name: str, what: str) -> Path:
+    """folder/name, resolved, when it stays inside `folder` (links included); else ModelLoadError."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ModelLoadError(f"{folder / name}: the {what} resolves outside the model folder ({folder.name}); "
+                             "every file a model uses must be inside its own folder")
+    return path
 # Called with (model name, loaded?) after a model is loaded or unloaded while serving,
 # on whichever thread did it (load_one runs in a worker thread).
 Listener = Callable[[str, bool], None]
@@ -81,16 +100,17 @@ def sha256_file(path: Path) -> str:
 
 
 def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = True,
-               instances: int = 1) -> LoadedModel:
+               instances: int = 1, memory_arena: ArenaMode = "shrink") -> LoadedModel:
     """Load one model folder; raises ModelLoadError with the reason."""
-    metadata = ModelMetadata.from_file(folder / METADATA_FILE)
-    onnx_path = folder / metadata.onnx_file
+    metadata = ModelMetadata.from_file(inside(folder, METADATA_FILE, "model metadata"))
+    onnx_path = inside(folder, metadata.onnx_file, "onnx_file of model.json")
     if not onnx_path.is_file():
         raise ModelLoadError(f"{onnx_path}: missing ONNX file; re-export the model (make model)")
     if verify_checksum and sha256_file(onnx_path) != metadata.sha256:
         raise ModelLoadError(f"{onnx_path}: sha256 does not match {METADATA_FILE}; re-export the model")
-    tokenizer = TextTokenizer(folder / metadata.tokenizer_file, metadata)
+    tokenizer = TextTokenizer(inside(folder, metadata.tokenizer_file, "tokenizer_file of model.json"), metadata)
     runtime = OnnxModel(onnx_path, metadata.inputs, metadata.outputs, intra_op_threads=intra_op_threads,
+                        memory_arena=memory_arena,
                         instances=instances)
     roles = load_or_compute(folder, runtime, tokenizer, metadata)
     log.info("loaded model %s (%d layers x %d heads) from %s", metadata.name, metadata.num_layers,
@@ -103,6 +123,7 @@ class LoadOptions:
     intra_op_threads: int = 0
     verify_checksums: bool = True
     instances: int = 1
+    memory_arena: ArenaMode = "shrink"
 
 
 @dataclass(frozen=True)
@@ -144,8 +165,9 @@ class ModelRepository:
 
     @classmethod
     def load(cls, root: Path, names: list[str], default_model: str, intra_op_threads: int = 0,
-             verify_checksums: bool = True, instances: int = 1) -> ModelRepository:
-        options = LoadOptions(intra_op_threads, verify_checksums, instances)
+             verify_checksums: bool = True, instances: int = 1,
+             memory_arena: ArenaMode = "shrink") -> ModelRepository:
+        options = LoadOptions(intra_op_threads, verify_checksums, instances, memory_arena)
         if not root.is_dir():
             raise ModelLoadError(f"model repository {root} does not exist; export a model first (make model)")
         available = cls._folders(root)
@@ -163,11 +185,23 @@ class ModelRepository:
 
     @staticmethod
     def _folders(root: Path) -> dict[str, Path]:
-        return {p.name: p for p in sorted(root.iterdir()) if (p / METADATA_FILE).is_file()}
+        """Model folders by name: sub-folders with a model.json whose name is a model name and
+        which resolve inside the repository (a link to a folder elsewhere is not a model)."""
+        top = root.resolve()
+        found = {}
+        for p in sorted(root.iterdir()):
+            if not (p / METADATA_FILE).is_file() or not MODEL_NAME.fullmatch(p.name):
+                continue
+            if not p.resolve().is_relative_to(top):
+                log.warning("%s links outside the model repository; not served", p)
+                continue
+            found[p.name] = p
+        return found
 
     @staticmethod
     def _load_folder(folder: Path, options: LoadOptions) -> LoadedModel:
-        model = load_model(folder, options.intra_op_threads, options.verify_checksums, options.instances)
+        model = load_model(folder, options.intra_op_threads, options.verify_checksums, options.instances,
+                           options.memory_arena)
         if model.name != folder.name:
             raise ModelLoadError(f"{folder}: model.json names the model {model.name!r}; the folder must carry "
                                  "the same name")

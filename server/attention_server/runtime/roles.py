@@ -114,7 +114,10 @@ def load_or_compute(folder: Path, runtime: OnnxModel, tokenizer: TextTokenizer,
     """roles.json from the model folder, or computed now and written there (kept
     in memory only when the folder is read-only)."""
     path = folder / ROLES_FILE
-    if path.is_file():
+    linked = path.is_symlink()  # a link may point outside the model folder: neither read nor written
+    if linked:
+        log.warning("%s is a link; computing head roles without reading or writing it", path)
+    elif path.is_file():
         try:
             raw = json.loads(path.read_text())
             if raw.get("sha256") == meta.sha256:
@@ -122,6 +125,8 @@ def load_or_compute(folder: Path, runtime: OnnxModel, tokenizer: TextTokenizer,
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("%s unreadable (%s); computing head roles again", path, exc)
     roles = compute_roles(runtime, tokenizer, meta)
+    if linked:
+        return roles
     try:
         path.write_text(json.dumps({"sha256": meta.sha256, "corpus": "attention_server/data/probe_sentences.txt",
                                     "heads": [asdict(r) for r in roles]}, indent=1) + "\n")
