@@ -58,7 +58,7 @@ proto-check: $(STAMP) ## fail when the committed stubs are stale
 lint: $(STAMP) ## ruff, hadolint, compose spec
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.secure.yml
 
 lock: $(STAMP) ## re-pin every installed version into requirements/constraints.txt
 	( echo "# Exact versions of everything the dev environment installs (pip -c). Regenerate with"; \
