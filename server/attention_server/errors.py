@@ -42,14 +42,28 @@ class ServiceError(Exception):
         self.message = message
 
 
+FieldPath = tuple[str | int, ...]
+"""Where in a request a value sits, e.g. ("sequences", 0, "token_ids", "ids", 3); each
+protocol renders it in its own names (attention.v1: `sequences[0].token_ids.ids[3]`)."""
+
+
+def render_path(path: FieldPath) -> str:
+    """attention.v1's rendering: names joined by dots, indices in brackets."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
 class InvalidArgument(ServiceError):
     """The request is wrong; the message names the field and the limit."""
 
     code = Code.INVALID_ARGUMENT
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
+    def __init__(self, field: FieldPath | str, problem: str) -> None:
+        self.field: FieldPath = field if isinstance(field, tuple) else (field,)
+        self.problem = problem
+        super().__init__(f"{render_path(self.field)}: {problem}")
 
 
 class ModelNotFound(ServiceError):

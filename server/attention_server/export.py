@@ -6,7 +6,7 @@ into the model repository:
 
     <repository>/<name>/model.onnx       outputs last_hidden_state, attentions
     <repository>/<name>/tokenizer.json   truncation and padding switched off
-    <repository>/<name>/model.json       metadata (see repository.ModelMetadata)
+    <repository>/<name>/model.json       metadata (see runtime.types.ModelMetadata)
 
 The export checks itself against the eager PyTorch model on a few sentences,
 batched with padding, and fails above --tolerance max abs difference.

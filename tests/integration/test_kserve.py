@@ -43,7 +43,7 @@ def test_health_and_metadata(triton_run):
     inputs = {t["name"]: (t["datatype"], t["shape"]) for t in out["metadata"]["inputs"]}
     assert inputs["input_ids"] == ("INT64", ["-1", "-1"]) and inputs["text"][0] == "BYTES"
     outputs = {t["name"]: (t["datatype"], t["shape"]) for t in out["metadata"]["outputs"]}
-    assert outputs["attentions"] == ("FP32", ["-1", "6", "12", "-1", "-1"])
+    assert outputs["attentions"] == ("FP32", ["-1", "-1", "-1", "-1", "-1"])  # layers/heads parameters vary them
     assert outputs["last_hidden_state"] == ("FP32", ["-1", "-1", "384"])
     config = out["config"]
     assert config["max_batch_size"] == 64 and config["platform"] == "onnxruntime_onnx"

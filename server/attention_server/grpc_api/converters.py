@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from attention_client._proto.attention.v1 import attention_pb2 as pb
-from attention_client.tensors import dtype_code
+from attention_client.protocol import attention_pb2 as pb
+from attention_client.protocol import dtype_code
 
 from ..errors import InvalidArgument
 from ..runtime.engine import Limits
 from ..runtime.heads import STATISTICS
-from ..runtime.repository import ModelMetadata
-from ..runtime.roles import HeadRole
-from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, PairTable, SequenceInput, SequenceOutput
+from ..runtime.types import (
+    FLOAT16,
+    FLOAT32,
+    AnalyzeOptions,
+    HeadRole,
+    ModelMetadata,
+    PairTable,
+    SequenceInput,
+    SequenceOutput,
+)
 
 SEQUENCE_RESULT_ATTENTION = pb.SequenceResult.DESCRIPTOR.fields_by_name["attention"].number
 SEQUENCE_RESULT_HIDDEN = pb.SequenceResult.DESCRIPTOR.fields_by_name["hidden_states"].number

@@ -16,9 +16,10 @@ from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from ..errors import FailedPrecondition, InvalidArgument, ModelLoadError, ModelNotFound, ServiceError, quote
 from ..runtime.budget import Lease
 from ..runtime.engine import Engine
-from ..runtime.repository import LoadedModel
 from ..runtime.stats import Duration
+from ..runtime.types import LoadedModel
 from . import kserve_codec as codec
+from .response_size import ResponseSize
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ def _duration(d: Duration) -> kpb.StatisticDuration:
 
 class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int, max_stream_inflight: int = 8,
-                 model_control_mode: str = "none") -> None:
+                 model_control_mode: str = "none", response_size: ResponseSize | None = None) -> None:
         self.engine = engine
+        self.response_size = response_size or ResponseSize(256 << 20)
         self.model_control_mode = model_control_mode
         self.max_stream_inflight = max_stream_inflight
         self.instances = instances
@@ -93,14 +95,11 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         names, options = codec.requested_outputs(request, meta)
         try:
             plan = await self.engine.plan_async(model.name, sequences, options)
-        except InvalidArgument as exc:
-            # Name the protocol's tensors rather than attention.v1's fields.
-            message = exc.message.replace(".token_ids.ids", "").replace(".text", "")
-            message = message.replace("sequences[", "input row [").replace("options.", "parameter ")
-            raise InvalidArgument("inputs", message) from None
+        except InvalidArgument as exc:  # named as this protocol names its tensors and parameters
+            raise InvalidArgument(codec.field_name(exc.field), exc.problem) from None
         size = codec.response_bytes(request, meta, names, [len(t) for t in plan.tokens], len(plan.layers),
                                     len(plan.heads), options.top_k)
-        self.engine.check_response_bytes(size)
+        self.response_size.check(size)
         lease = await self.engine.reserve(size, timeout)
         try:
             results = await self.engine.analyze(plan, timeout)

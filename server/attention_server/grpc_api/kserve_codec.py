@@ -19,9 +19,8 @@ import numpy as np
 
 from .._proto.inference import grpc_service_pb2 as kpb
 from .._proto.inference import model_config_pb2 as mc
-from ..errors import InvalidArgument, quote
-from ..runtime.repository import ModelMetadata
-from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput
+from ..errors import FieldPath, InvalidArgument, quote, render_path
+from ..runtime.types import FLOAT16, FLOAT32, AnalyzeOptions, ModelMetadata, SequenceInput, SequenceOutput
 
 NUMPY = {
     "BOOL": np.dtype(bool), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -53,7 +52,9 @@ class TensorSpec:
 
 
 def model_tensors(meta: ModelMetadata) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    layers, heads = meta.num_layers, meta.num_heads
+    """What the model takes and returns. The layer and head axes follow the `layers` and
+    `heads` parameters (all of the model's by default), so they are declared variable (-1)."""
+    layers = heads = -1
     inputs = [
         TensorSpec("input_ids", "INT64", (-1, -1), optional=True),
         TensorSpec("attention_mask", "INT64", (-1, -1), optional=True),
@@ -71,6 +72,24 @@ def model_tensors(meta: ModelMetadata) -> tuple[list[TensorSpec], list[TensorSpe
         TensorSpec("pair_strength", "FP32", (-1, layers, heads, -1)),
     ]
     return inputs, outputs
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+def field_name(path: FieldPath) -> str:
+    """A request field as this protocol names it: the runtime's ("sequences", 2, "text") is
+    the `text` input's row 2, ("options", "top_k") the `top_k` parameter."""
+    match path:
+        case ("sequences", int(row), "text" | "text_pair", *_):
+            return f"input 'text'[{row}]"
+        case ("sequences", int(row), "token_ids", kind, *rest):
+            name = "input_ids" if kind == "ids" else "token_type_ids"
+            return f"input '{name}'[{', '.join(str(p) for p in (row, *rest))}]"
+        case ("sequences", *_):
+            return "inputs"
+        case ("options", str(name), *rest):
+            return f"parameter '{name}'" + "".join(f"[{p}]" for p in rest)
+    return render_path(path)
 
 
 # -- BYTES --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .auth import AuthInterceptor, TokenStore
 from .interceptor import ObservabilityInterceptor
 from .kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve import InferenceServicer
+from .response_size import ResponseSize
 from .servicer import SERVICE_NAME, AttentionServicer
 from .tls import server_credentials
 from .transport import server_options
@@ -103,10 +104,12 @@ class AttentionServer:
         """Register attention.v1 and the Open Inference Protocol over `engine` (after bind, before start)."""
         self.engine = engine
         self.metrics.watch(engine)
-        self.grpc.add_generic_rpc_handlers((AttentionServicer(engine).handler(),))
+        response_size = ResponseSize(self.settings.max_response_bytes)
+        self.grpc.add_generic_rpc_handlers((AttentionServicer(engine, response_size).handler(),))
         self.kserve = InferenceServicer(engine, engine.repository.options.instances,
                                         int(self.settings.max_queue_delay_ms * 1000),
-                                        self.settings.max_stream_inflight, self.settings.model_control_mode)
+                                        self.settings.max_stream_inflight, self.settings.model_control_mode,
+                                        response_size)
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
 
     async def start(self) -> None:
@@ -230,7 +233,6 @@ def build_engine(settings: Settings, observer: BatchObserver | None = None) -> E
     )
     limits = Limits(
         max_batch_size=settings.max_batch_size,
-        max_response_bytes=settings.max_response_bytes,
         max_chars_per_token=settings.max_chars_per_token,
         stream_window_bytes=settings.stream_window_mib * MiB,
     )

@@ -12,18 +12,21 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from attention_client._proto.attention.v1 import attention_pb2 as pb
+from attention_client.protocol import attention_pb2 as pb
 
-from ..runtime.engine import Engine, Plan
+from ..runtime.engine import Engine
+from ..runtime.types import Plan
 from . import converters
+from .response_size import ResponseSize
 
 # Below this a unary response is joined on the event loop; above, in a thread.
 INLINE_JOIN_BYTES = 1 << 20
 
 
 class AttentionServicer:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, response_size: ResponseSize) -> None:
         self.engine = engine
+        self.response_size = response_size
 
     async def _plan(self, request: pb.AnalyzeRequest) -> Plan:
         return await self.engine.plan_async(
@@ -32,7 +35,7 @@ class AttentionServicer:
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> bytes:
         plan = await self._plan(request)
-        lease = await self.engine.reserve_response(plan, context.time_remaining())
+        lease = await self.engine.reserve(self.response_size.unary(plan), context.time_remaining())
         # The response holds its share of the pending-result budget until the call is over (sent or dropped).
         context.add_done_callback(lambda _: lease.release())
         results = await self.engine.analyze(plan, context.time_remaining(), finish=converters.result_parts)
@@ -45,6 +48,7 @@ class AttentionServicer:
         self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         plan = await self._plan(request)
+        self.response_size.streamed(plan)
         async for message in self.engine.analyze_stream(plan, context.time_remaining(),
                                                         finish=converters.encode_result):
             yield message

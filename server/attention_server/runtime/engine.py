@@ -19,19 +19,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import InvalidArgument, ResourceExhausted, Unavailable
+from ..errors import FieldPath, InvalidArgument, Unavailable
 from .batcher import BatchConfig, Batcher, Job
 from .budget import Lease, ResultBudget
 from .heads import FUSIONS
-from .repository import LoadedModel, ModelRepository, check_model_name
+from .repository import ModelRepository, check_model_name
 from .stats import BatcherStats, BatchObserver
-from .types import FLOAT16, FLOAT32, AnalyzeOptions, SequenceInput, SequenceOutput, Tokens
+from .types import FLOAT16, FLOAT32, AnalyzeOptions, LoadedModel, Plan, SequenceInput, SequenceOutput, Tokens
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Rough protobuf cost of one Token (fields, tags, short text) and one PairStrength.
-TOKEN_BYTES = 40
-PAIR_BYTES = 16
 # Requests with more characters (or ids) than this are validated and tokenized off the event loop.
 INLINE_PLAN_CHARS = 16384
 # Texts longer than this many characters per position are first tokenized in a
@@ -46,47 +43,13 @@ class Limits:
     """Per-request limits (runtime batches have their own, in BatchConfig)."""
 
     max_batch_size: int = 64
-    max_response_bytes: int = 256 << 20
     max_chars_per_token: int = 32
     """A text may have at most this many characters per model position (checked before tokenizing)."""
     stream_window_bytes: int = 64 << 20
     """Results of one streaming call computed ahead of what its caller has read (at least one)."""
 
 
-@dataclass(frozen=True)
-class Plan:
-    """A validated request: its model, tokens, resolved layers/heads and outputs."""
-
-    model: LoadedModel
-    inputs: list[SequenceInput]
-    tokens: list[Tokens]
-    options: AnalyzeOptions
-    layers: list[int]
-    heads: list[int]
-
-    def sequence_bytes(self, index: int) -> int:
-        """Upper estimate of one sequence's serialized result size."""
-        n = len(self.tokens[index])
-        options = self.options
-        size = n * TOKEN_BYTES + 256
-        cells = len(self.layers) * len(self.heads) * n * n
-        if options.attention:
-            size += cells * (2 if options.attention_dtype == FLOAT16 else 4)
-        if options.hidden_states:
-            size += n * self.model.metadata.hidden_size * 4
-        if options.top_k is not None:
-            pairs = len(self.layers) * len(self.heads) * (min(options.top_k, n * n) * PAIR_BYTES + 16)
-            size += pairs * (2 if options.word_level else 1)
-        if options.word_level:
-            size += n * TOKEN_BYTES + (cells * 4 if options.attention else 0)
-        if options.head_statistics:
-            size += len(self.layers) * len(self.heads) * 200
-        if options.rollout is not None:
-            size += self.model.metadata.num_layers * n * n * 4
-        return size
-
-
-def _check_indices(field: str, values: Sequence[int], limit: int, what: str, model: str) -> list[int]:
+def _check_indices(field: FieldPath, values: Sequence[int], limit: int, what: str, model: str) -> list[int]:
     if not values:
         return list(range(limit))
     if len(values) > limit:
@@ -94,9 +57,9 @@ def _check_indices(field: str, values: Sequence[int], limit: int, what: str, mod
     seen: set[int] = set()
     for k, v in enumerate(values):
         if not 0 <= v < limit:
-            raise InvalidArgument(f"{field}[{k}]", f"{what} {v} is out of range [0, {limit}) for model {model!r}")
+            raise InvalidArgument((*field, k), f"{what} {v} is out of range [0, {limit}) for model {model!r}")
         if v in seen:
-            raise InvalidArgument(f"{field}[{k}]", f"{what} {v} is listed twice")
+            raise InvalidArgument((*field, k), f"{what} {v} is listed twice")
         seen.add(v)
     return list(values)
 
@@ -126,24 +89,24 @@ class Engine:
         model = self.repository.get(model_name)
         meta = model.metadata
         if not inputs:
-            raise InvalidArgument("sequences", f"empty batch; send 1 to {self.limits.max_batch_size} sequences")
+            raise InvalidArgument(("sequences",), f"empty batch; send 1 to {self.limits.max_batch_size} sequences")
         if len(inputs) > self.limits.max_batch_size:
             raise InvalidArgument(
                 "sequences", f"{len(inputs)} sequences exceed the limit of {self.limits.max_batch_size} per request"
             )
-        layers = _check_indices("options.layers", options.layers, meta.num_layers, "layer", meta.name)
-        heads = _check_indices("options.heads", options.heads, meta.num_heads, "head", meta.name)
+        layers = _check_indices(("options", "layers"), options.layers, meta.num_layers, "layer", meta.name)
+        heads = _check_indices(("options", "heads"), options.heads, meta.num_heads, "head", meta.name)
         if options.attention_dtype not in (FLOAT32, FLOAT16):
-            raise InvalidArgument("options.attention_dtype", f"{options.attention_dtype} is not supported; "
+            raise InvalidArgument(("options", "attention_dtype"), f"{options.attention_dtype} is not supported; "
                                   "use FLOAT32 or FLOAT16")
         max_pairs = meta.max_positions ** 2
         if options.top_k is not None and not 0 < options.top_k <= max_pairs:
-            raise InvalidArgument("options.top_k", f"must be within [1, {max_pairs}] (all pairs of "
+            raise InvalidArgument(("options", "top_k"), f"must be within [1, {max_pairs}] (all pairs of "
                                   f"{meta.max_positions} positions) when set, got {options.top_k}")
         if options.rollout is not None and options.rollout not in FUSIONS:
-            raise InvalidArgument("options.rollout", f"{options.rollout!r} is not a fusion; use mean, max or min")
+            raise InvalidArgument(("options", "rollout"), f"{options.rollout!r} is not a fusion; use mean, max or min")
         if not (0.0 <= options.min_strength <= 1.0) or math.isnan(options.min_strength):
-            raise InvalidArgument("options.min_strength", f"must be within [0, 1], got {options.min_strength}")
+            raise InvalidArgument(("options", "min_strength"), f"must be within [0, 1], got {options.min_strength}")
         for i, seq in enumerate(inputs):
             self._check_bounds(model, i, seq)
         tokens = [self._tokenize(model, i, seq) for i, seq in enumerate(inputs)]
@@ -156,20 +119,20 @@ class Engine:
         """Cheap limits, before anything is tokenized or copied: id counts against
         the model's positions, text length against what those positions can take."""
         meta = model.metadata
-        field = f"sequences[{i}]"
+        field: FieldPath = ("sequences", i)
         if seq.token_ids is not None:
             n = len(seq.token_ids)
             if n > meta.max_positions:
-                raise InvalidArgument(f"{field}.token_ids.ids", f"{n} token ids exceed the model's "
+                raise InvalidArgument((*field, "token_ids", "ids"), f"{n} token ids exceed the model's "
                                       f"{meta.max_positions} positions; nothing is truncated, split the input")
             if seq.type_ids is not None and len(seq.type_ids) > meta.max_positions:
-                raise InvalidArgument(f"{field}.token_ids.type_ids", f"has {len(seq.type_ids)} entries; must be "
+                raise InvalidArgument((*field, "token_ids", "type_ids"), f"has {len(seq.type_ids)} entries; must be "
                                       f"empty or match the {n} ids")
             return
         limit = self.max_text_chars(model)
         for name, text in (("text", seq.text), ("text_pair", seq.text_pair)):
             if text is not None and len(text) > limit:
-                raise InvalidArgument(f"{field}.{name}", f"{len(text)} characters exceed the limit of {limit} "
+                raise InvalidArgument((*field, name), f"{len(text)} characters exceed the limit of {limit} "
                                       f"({self.limits.max_chars_per_token} per position of the model's "
                                       f"{meta.max_positions}); split the input")
 
@@ -184,34 +147,34 @@ class Engine:
 
     def _tokenize(self, model: LoadedModel, i: int, seq: SequenceInput) -> Tokens:
         meta = model.metadata
-        field = f"sequences[{i}]"
+        field: FieldPath = ("sequences", i)
         if seq.token_ids is not None:
             if seq.text_pair:
-                raise InvalidArgument(f"{field}.text_pair", "only allowed with text input, not token_ids")
+                raise InvalidArgument((*field, "text_pair"), "only allowed with text input, not token_ids")
             ids = np.asarray(seq.token_ids, dtype=np.int64).reshape(-1)
             if ids.size == 0:
-                raise InvalidArgument(f"{field}.token_ids.ids", "empty sequence; give at least one token id")
+                raise InvalidArgument((*field, "token_ids", "ids"), "empty sequence; give at least one token id")
             bad = np.flatnonzero((ids < 0) | (ids >= meta.vocab_size))
             if bad.size:
                 j = int(bad[0])
-                raise InvalidArgument(f"{field}.token_ids.ids[{j}]",
+                raise InvalidArgument((*field, "token_ids", "ids", j),
                                       f"token id {int(ids[j])} is outside the vocabulary [0, {meta.vocab_size})")
             types = np.zeros_like(ids) if seq.type_ids is None or len(seq.type_ids) == 0 \
                 else np.asarray(seq.type_ids, dtype=np.int64).reshape(-1)
             if types.shape != ids.shape:
-                raise InvalidArgument(f"{field}.token_ids.type_ids",
+                raise InvalidArgument((*field, "token_ids", "type_ids"),
                                       f"has {types.size} entries; must be empty or match the {ids.size} ids")
             bad = np.flatnonzero((types < 0) | (types >= max(meta.type_vocab_size, 1)))
             if bad.size:
                 j = int(bad[0])
-                raise InvalidArgument(f"{field}.token_ids.type_ids[{j}]", f"type id {int(types[j])} is outside "
+                raise InvalidArgument((*field, "token_ids", "type_ids", j), f"type id {int(types[j])} is outside "
                                       f"[0, {meta.type_vocab_size})")
             tokens = model.tokenizer.from_ids(ids, types)
-            where = f"{field}.token_ids.ids"
+            where: FieldPath = (*field, "token_ids", "ids")
         else:
             if not seq.text or not seq.text.strip():
-                raise InvalidArgument(f"{field}.text", "empty sequence; give non-blank text or token_ids")
-            where = f"{field}.text"
+                raise InvalidArgument((*field, "text"), "empty sequence; give non-blank text or token_ids")
+            where = (*field, "text")
             self._probe(model, where, seq.text, seq.text_pair)
             tokens = model.tokenizer.encode(seq.text, seq.text_pair or None)
         if len(tokens) > meta.max_positions:
@@ -222,7 +185,7 @@ class Engine:
             )
         return tokens
 
-    def _probe(self, model: LoadedModel, where: str, text: str, pair: str | None) -> None:
+    def _probe(self, model: LoadedModel, where: FieldPath, text: str, pair: str | None) -> None:
         """Stop early on a long text: when a prefix of it (cut at a space) already
         has more tokens than the model's positions, the whole text has too."""
         limit = model.metadata.max_positions
@@ -279,30 +242,10 @@ class Engine:
         if old is not None:
             await old.drain_and_close()
 
-    def _check_size(self, plan: Plan, streaming: bool) -> None:
-        sizes = [plan.sequence_bytes(i) for i in range(len(plan.tokens))]
-        size = max(sizes) if streaming else sum(sizes)
-        self.check_response_bytes(size, "one result" if streaming else "response",
-                                  "" if streaming else "use AnalyzeStream, ")
-
-    def check_response_bytes(self, size: int, what: str = "response", advice: str = "") -> None:
-        limit = self.limits.max_response_bytes
-        if size > limit:
-            raise ResourceExhausted(
-                f"{what} would be about {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit "
-                f"(max_response_bytes); {advice}ask for FLOAT16, fewer layers/heads, or top_k only"
-            )
-
     async def reserve(self, nbytes: int, timeout: float | None) -> Lease:
         """Room in the pending-result budget for a response of about `nbytes`,
         before any of it is computed; the transport releases it once sent."""
         return await self.budget.acquire(nbytes, timeout)
-
-    async def reserve_response(self, plan: Plan, timeout: float | None) -> Lease:
-        """`reserve` for a unary response to `plan`, after checking it is within
-        max_response_bytes."""
-        self._check_size(plan, streaming=False)
-        return await self.reserve(sum(plan.sequence_bytes(i) for i in range(len(plan.tokens))), timeout)
 
     @contextlib.asynccontextmanager
     async def _submitted(self, plan: Plan, timeout: float | None,
@@ -327,7 +270,7 @@ class Engine:
                       finish: Callable[[SequenceOutput], T] | None = None) -> list[T]:
         """Every result of a plan in request order (after `finish`, which runs in
         the post-processing thread). `timeout` bounds the time spent queued.
-        The caller holds a reservation for the response (`reserve_response`)."""
+        The caller holds a reservation for the response (`reserve`)."""
         async with self._submitted(plan, timeout, finish) as jobs:
             return list(await asyncio.gather(*(j.future for j in jobs)))
 
@@ -338,7 +281,6 @@ class Engine:
         taken stay within `stream_window_bytes` (always at least the next one), and
         each holds its share of the pending-result budget until the caller asks
         for the following result (for gRPC: until it was written)."""
-        self._check_size(plan, streaming=True)
         batcher = self.batcher(plan.model)
         count = len(plan.tokens)
         sizes = [plan.sequence_bytes(i) for i in range(count)]

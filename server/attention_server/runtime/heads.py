@@ -28,32 +28,14 @@ says how much each input token flows into position i at the last layer.
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
 
 import numpy as np
 
-from .types import Tokens
+from .types import Tokens, Words
 
 STATISTICS = ("entropy", "entropy_relative", "mean_distance", "to_cls", "to_sep", "to_punctuation",
               "to_previous", "to_next", "to_self")
 FUSIONS = ("mean", "max", "min")
-
-
-@dataclass(frozen=True)
-class Words:
-    """Units of the word-level view: a word (its pieces) or one special token."""
-
-    texts: list[str]
-    token_start: np.ndarray  # int32 [w]: first token of the unit
-    token_end: np.ndarray  # int32 [w]: one past its last token
-    starts: np.ndarray  # int32 [w]: character span in the segment's text, -1 if none
-    ends: np.ndarray
-    special: np.ndarray  # bool [w]
-    segment: np.ndarray  # int32 [w]
-    unit_of_token: np.ndarray  # int32 [n]
-
-    def __len__(self) -> int:
-        return len(self.texts)
 
 
 def group_words(tokens: Tokens, prefix: str = "##") -> Words:

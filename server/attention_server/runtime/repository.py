@@ -4,18 +4,17 @@ and the tokenizer. Loads what the settings ask for and hands models out by name.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import InvalidArgument, ModelLoadError, ModelNotFound, quote
 from .onnx_model import ArenaMode, OnnxModel
-from .roles import HeadRole, load_or_compute
+from .roles import load_or_compute
 from .tokenizer import TextTokenizer
+from .types import LoadedModel, ModelMetadata
 
 log = logging.getLogger(__name__)
 
@@ -41,53 +40,6 @@ def inside(folder: Path, name: str, what: str) -> Path:
 # Called with (model name, loaded?) after a model is loaded or unloaded while serving,
 # on whichever thread did it (load_one runs in a worker thread).
 Listener = Callable[[str, bool], None]
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """What model.json says about an exported model (written by attention-export)."""
-
-    name: str
-    source: str
-    architecture: str
-    num_layers: int
-    num_heads: int
-    hidden_size: int
-    max_positions: int
-    vocab_size: int
-    special_tokens: dict[str, dict[str, Any]]
-    pad_token_id: int
-    continuing_subword_prefix: str
-    inputs: list[str]
-    outputs: list[str]
-    opset: int
-    onnx_file: str
-    tokenizer_file: str
-    sha256: str
-    type_vocab_size: int = 2
-
-    @classmethod
-    def from_file(cls, path: Path) -> ModelMetadata:
-        try:
-            raw = json.loads(path.read_text())
-            fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-            return cls(**fields)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise ModelLoadError(f"{path}: unreadable model metadata ({exc}); "
-                                 "re-export the model (make model)") from exc
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    metadata: ModelMetadata
-    tokenizer: TextTokenizer
-    runtime: OnnxModel
-    path: Path
-    roles: list[HeadRole] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
 
 
 def sha256_file(path: Path) -> str:

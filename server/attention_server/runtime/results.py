@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from . import heads
 from .pairs import top_pairs
-from .types import FLOAT16, SequenceOutput
-
-if TYPE_CHECKING:
-    from .engine import Plan
+from .types import FLOAT16, Plan, SequenceOutput
 
 HIDDEN = "last_hidden_state"
 ATTENTIONS = "attentions"

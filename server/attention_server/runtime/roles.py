@@ -26,20 +26,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .heads import STATISTICS, head_statistics
 from .onnx_model import pad_batch
-
-if TYPE_CHECKING:
-    from .onnx_model import OnnxModel
-    from .repository import ModelMetadata
-    from .tokenizer import TextTokenizer
+from .types import HeadRole, ModelMetadata, Runtime, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +53,6 @@ FAMILY = {"previous_token": "positional", "next_token": "positional", "self": "p
           "broadcast_sep": "global", "broadcast_cls": "global", "broad": "global", "content": "syntactic/semantic"}
 
 
-@dataclass(frozen=True)
-class HeadRole:
-    layer: int
-    head: int
-    role: str
-    family: str
-    score: float
-    statistics: dict[str, float]
-
-
 def probe_sentences() -> list[str]:
     text = resources.files("attention_server.data").joinpath("probe_sentences.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -82,7 +67,7 @@ def label(stats: dict[str, float]) -> tuple[str, float]:
     return "content", stats["entropy_relative"]
 
 
-def probe_statistics(runtime: OnnxModel, tokenizer: TextTokenizer, meta: ModelMetadata,
+def probe_statistics(runtime: Runtime, tokenizer: Tokenizer, meta: ModelMetadata,
                      sentences: list[str], batch_size: int = 32) -> np.ndarray:
     """Mean head statistics over the sentences: [layers, heads, len(STATISTICS)]."""
     cls_id = meta.special_tokens.get("cls", {}).get("id")
@@ -98,7 +83,7 @@ def probe_statistics(runtime: OnnxModel, tokenizer: TextTokenizer, meta: ModelMe
     return (total / len(encoded)).astype(np.float32)
 
 
-def compute_roles(runtime: OnnxModel, tokenizer: TextTokenizer, meta: ModelMetadata) -> list[HeadRole]:
+def compute_roles(runtime: Runtime, tokenizer: Tokenizer, meta: ModelMetadata) -> list[HeadRole]:
     stats = probe_statistics(runtime, tokenizer, meta, probe_sentences())
     roles = []
     for layer in range(meta.num_layers):
@@ -109,7 +94,7 @@ def compute_roles(runtime: OnnxModel, tokenizer: TextTokenizer, meta: ModelMetad
     return roles
 
 
-def load_or_compute(folder: Path, runtime: OnnxModel, tokenizer: TextTokenizer,
+def load_or_compute(folder: Path, runtime: Runtime, tokenizer: Tokenizer,
                     meta: ModelMetadata) -> list[HeadRole]:
     """roles.json from the model folder, or computed now and written there (kept
     in memory only when the folder is read-only)."""

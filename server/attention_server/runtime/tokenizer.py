@@ -8,16 +8,12 @@ batch only to its longest sequence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from ..errors import ModelLoadError
-from .types import Tokens
-
-if TYPE_CHECKING:
-    from .repository import ModelMetadata
+from .types import ModelMetadata, Tokens
 
 
 class TextTokenizer:
