@@ -40,6 +40,9 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", 64 * MiB),
                    ("grpc.max_metadata_size", 16 * MiB)]
+# A caller that stops reading: without BDP probing its transport's window stays at the initial
+# 64 KiB, so what the server sends is not taken into the client's buffers behind its back.
+NOT_READING = [*CHANNEL_OPTIONS, ("grpc.http2.bdp_probe", 0)]
 
 
 # -- the server process -------------------------------------------------------------------
@@ -234,7 +237,7 @@ def unread_stream(server: Server, sequences: int = 64, words: int = 510, hold: f
     request = pb.AnalyzeRequest(sequences=[pb.Sequence(text="word " * words)] * sequences).SerializeToString()
     server.reset_peak()
     base = server.rss_mib()
-    with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel, \
+    with grpc.insecure_channel(server.target, options=NOT_READING) as channel, \
             HealthProbe(server.target) as probe:
         started = time.perf_counter()
         call = channel.unary_stream(ANALYZE_STREAM)(request, timeout=300)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -10,19 +10,29 @@ import grpc
 from ._channel import ChannelSecurity, PemSource, channel_security
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
-from ._request import SequenceLike, build_request
+from ._request import (
+    AttentionDType,
+    Fusion,
+    SequenceInput,
+    batch_request,
+    build_options,
+    check_timeout,
+    single_request,
+)
 from ._wire import split_response, split_result
-from .errors import AttentionError
+from .errors import AttentionError, InternalError
 from .results import AnalyzeResult, ModelInfo
+from .tensors import TensorError
 
 Metadata = Iterable[tuple[str, str]]
+"""Call metadata: (key, value) pairs; keys lower case."""
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
 ANALYZE = f"/{_SERVICE}/Analyze"
 ANALYZE_STREAM = f"/{_SERVICE}/AnalyzeStream"
 
 # Responses carry full attention matrices: lift gRPC's 4 MB receive default.
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 2**31 - 1),
     ("grpc.max_send_message_length", 64 << 20),
 ]
@@ -36,17 +46,24 @@ class _CallDefaults:
     _security: ChannelSecurity = ChannelSecurity()
 
     def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        check_timeout(timeout)
         return {
             "timeout": self.timeout if timeout is None else timeout,
             "metadata": self._security.with_call_metadata(self.metadata if metadata is None else tuple(metadata)),
         }
 
 
+def _decode_failed(exc: TensorError) -> InternalError:
+    return InternalError(f"response: could not decode the server's tensors: {exc}")
+
+
 class AttentionClient(_CallDefaults):
     """Client for attention.v1.AttentionService.
 
     `timeout` (seconds) and `metadata` set here apply to every call unless a call
-    passes its own. Failed calls raise AttentionError with the gRPC status code.
+    passes its own. Every failure raises an AttentionError subclass (errors.py):
+    InvalidArgumentError for bad arguments (before any call when the SDK can tell),
+    else the class of the call's gRPC status, with `.request_id` and `.retryable`.
     Use as a context manager, or call close().
 
     Security (plaintext unless one of these is given):
@@ -82,6 +99,7 @@ class AttentionClient(_CallDefaults):
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
+        check_timeout(timeout)
         self._security = channel_security(
             target, root_certificates=root_certificates, certificate_chain=certificate_chain,
             private_key=private_key, tls=tls, token=token, credentials=credentials)
@@ -90,55 +108,160 @@ class AttentionClient(_CallDefaults):
         self._channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
         # Analyze responses are decoded without copying their tensors (see _wire).
-        self._analyze_raw = self._channel.unary_unary(
+        self._analyze_raw: grpc.UnaryUnaryMultiCallable[pb.AnalyzeRequest, bytes] = self._channel.unary_unary(
             ANALYZE, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
-        self._stream_raw = self._channel.unary_stream(
+        self._stream_raw: grpc.UnaryStreamMultiCallable[pb.AnalyzeRequest, bytes] = self._channel.unary_stream(
             ANALYZE_STREAM, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
         self.timeout = timeout
         self.metadata = tuple(metadata or ())
 
     def analyze(
         self,
-        sequences: SequenceLike | Iterable[SequenceLike],
+        sequence: SequenceInput,
         *,
+        text_pair: str | None = None,
+        model: str = "",
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        attention: bool = True,
+        attention_dtype: AttentionDType = "float32",
+        hidden_states: bool = True,
+        top_k: int | None = None,
+        min_strength: float = 0.0,
+        exclude_special_tokens: bool = False,
+        word_level: bool = False,
+        head_statistics: bool = False,
+        rollout: Fusion | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
-        **options: Any,
-    ) -> Any:
-        """Analyze one sequence (returns an AnalyzeResult) or several (a list).
+    ) -> AnalyzeResult:
+        """Analyze one sequence: its attention, hidden states and pairs (one AnalyzeResult).
 
-        A sequence is text, a (text, text_pair) tuple, or a list of token ids.
-        Options: model, layers, heads, top_k, min_strength, exclude_special_tokens,
-        attention, hidden_states, attention_dtype ("float32"/"float16"), ids.
+        - `sequence`: text (tokenized by the server, special tokens added), or token ids
+          (a list or 1-D integer array, used as given). Several: analyze_batch.
+        - `text_pair`: a second text for sentence-pair input (segment 1); text only.
+        - `model`: a served model's name; '' for the server's default.
+        - `layers`, `heads`: which layers and heads (0-based) the matrices and pairs cover,
+          in the order given; None (the default) for all. An empty list is an error.
+        - `attention`: return the full matrices (`result.attention`); `attention_dtype`
+          "float32" or "float16" (half the bytes).
+        - `hidden_states`: return the last hidden states [seq, hidden].
+        - `top_k`: the k strongest (from, to) pairs of every selected head
+          (`result.pairs`); None for none. `min_strength` (0..1) drops weaker pairs;
+          `exclude_special_tokens` leaves pairs with [CLS]/[SEP] out of the lists.
+        - `word_level`: the word-level view (`words`, `word_attention`, `word_pairs`).
+        - `head_statistics`: per-head statistics of this sequence.
+        - `rollout`: attention rollout with heads fused by "mean", "max" or "min".
+        - `timeout` (seconds) and `metadata`: for this call, instead of the client's.
+
+        Raises InvalidArgumentError before the call for a bad value the SDK can check,
+        else the AttentionError subclass of the call's status.
         """
-        request, single = build_request(sequences, **options)
+        options = build_options(
+            layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
+            hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
+            exclude_special_tokens=exclude_special_tokens, word_level=word_level,
+            head_statistics=head_statistics, rollout=rollout)
+        request = single_request(sequence, text_pair=text_pair, model=model, options=options)
+        [result] = self._unary(request, timeout, metadata)
+        return result
+
+    def analyze_batch(
+        self,
+        sequences: Iterable[SequenceInput],
+        *,
+        text_pairs: Sequence[str | None] | None = None,
+        ids: Sequence[str] | None = None,
+        model: str = "",
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        attention: bool = True,
+        attention_dtype: AttentionDType = "float32",
+        hidden_states: bool = True,
+        top_k: int | None = None,
+        min_strength: float = 0.0,
+        exclude_special_tokens: bool = False,
+        word_level: bool = False,
+        head_statistics: bool = False,
+        rollout: Fusion | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[AnalyzeResult]:
+        """Analyze a batch in one call: one AnalyzeResult per sequence, in order.
+
+        `sequences` are texts or token-id lists, as for analyze. `text_pairs` gives each
+        sequence its second text (None for none) and `ids` a label echoed in
+        `result.id`; both have one entry per sequence. The other options are analyze's.
+        The server caps a batch (`ModelInfo.max_batch_size`) and the size of one
+        response: for large batches with full matrices use analyze_stream.
+        """
+        options = build_options(
+            layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
+            hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
+            exclude_special_tokens=exclude_special_tokens, word_level=word_level,
+            head_statistics=head_statistics, rollout=rollout)
+        request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
+        return self._unary(request, timeout, metadata)
+
+    def analyze_stream(
+        self,
+        sequences: Iterable[SequenceInput],
+        *,
+        text_pairs: Sequence[str | None] | None = None,
+        ids: Sequence[str] | None = None,
+        model: str = "",
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        attention: bool = True,
+        attention_dtype: AttentionDType = "float32",
+        hidden_states: bool = True,
+        top_k: int | None = None,
+        min_strength: float = 0.0,
+        exclude_special_tokens: bool = False,
+        word_level: bool = False,
+        head_statistics: bool = False,
+        rollout: Fusion | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Iterator[AnalyzeResult]:
+        """Like analyze_batch, one result at a time in request order, each as soon as the
+        server has it (AnalyzeStream). Arguments are checked before the first result is
+        asked for; leaving the loop early cancels the call."""
+        options = build_options(
+            layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
+            hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
+            exclude_special_tokens=exclude_special_tokens, word_level=word_level,
+            head_statistics=head_statistics, rollout=rollout)
+        request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
+        return self._stream(request, self._kw(timeout, metadata))
+
+    def _unary(self, request: pb.AnalyzeRequest, timeout: float | None,
+               metadata: Metadata | None) -> list[AnalyzeResult]:
         try:
             raw = self._analyze_raw(request, **self._kw(timeout, metadata))
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
-        results = [AnalyzeResult.from_parts(m, t) for m, t in split_response(raw)]
-        return results[0] if single else results
+        try:
+            return [AnalyzeResult.from_parts(m, t) for m, t in split_response(raw)]
+        except TensorError as exc:
+            raise _decode_failed(exc) from exc
 
-    def analyze_stream(
-        self,
-        sequences: Iterable[SequenceLike],
-        *,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options: Any,
-    ) -> Iterator[AnalyzeResult]:
-        """Like analyze, one result at a time in request order (AnalyzeStream)."""
-        request, _ = build_request(sequences, **options)
-        call = self._stream_raw(request, **self._kw(timeout, metadata))
+    def _stream(self, request: pb.AnalyzeRequest, kw: dict[str, Any]) -> Iterator[AnalyzeResult]:
+        call = self._stream_raw(request, **kw)
         try:
             for raw in call:
-                yield AnalyzeResult.from_parts(*split_result(raw))
+                try:
+                    parts = split_result(raw)
+                except TensorError as exc:
+                    raise _decode_failed(exc) from exc
+                yield AnalyzeResult.from_parts(*parts)
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
         finally:
             call.cancel()
 
     def list_models(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> list[ModelInfo]:
+        """Metadata and heads of every served model."""
         try:
             response = self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout, metadata))
         except grpc.RpcError as exc:
@@ -147,7 +270,7 @@ class AttentionClient(_CallDefaults):
 
     def get_model(self, name: str = "", *, timeout: float | None = None,
                   metadata: Metadata | None = None) -> ModelInfo:
-        """Metadata and heads of one model ('' for the server's default)."""
+        """Metadata and heads of one model ('' for the server's default); NotFoundError for an unknown name."""
         try:
             return ModelInfo.from_pb(self._stub.GetModel(pb.GetModelRequest(name=name), **self._kw(timeout, metadata)))
         except grpc.RpcError as exc:

@@ -8,7 +8,11 @@ field is parsed by protobuf from a small copy without the tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from ._proto.attention.v1 import attention_pb2 as pb
 from .tensors import DTYPES, TensorError
@@ -31,8 +35,8 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int):  # type: ignore[no-untyped-def]
-    """(field number, wire type, value start, value end, varint value) of a message's fields."""
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, value start, value end, varint value or 0) of a message's fields."""
     pos = start
     while pos < end:
         key, pos = _varint(buf, pos)
@@ -45,13 +49,13 @@ def _fields(buf: memoryview, start: int, end: int):  # type: ignore[no-untyped-d
             size, pos = _varint(buf, pos)
             if pos + size > end:
                 raise TensorError("field runs past the end of its message")
-            yield number, wire, pos, pos + size, None
+            yield number, wire, pos, pos + size, 0
             pos += size
         elif wire == 1:
-            yield number, wire, pos, pos + 8, None
+            yield number, wire, pos, pos + 8, 0
             pos += 8
         elif wire == 5:
-            yield number, wire, pos, pos + 4, None
+            yield number, wire, pos, pos + 4, 0
             pos += 4
         else:
             raise TensorError(f"unsupported wire type {wire} in response")
@@ -59,8 +63,8 @@ def _fields(buf: memoryview, start: int, end: int):  # type: ignore[no-untyped-d
         raise TensorError("field runs past the end of its message")
 
 
-def _tensor(raw: bytes, buf: memoryview, start: int, end: int) -> np.ndarray:
-    dtype_code, shape, data = 0, [], (start, start)
+def _tensor(raw: bytes, buf: memoryview, start: int, end: int) -> npt.NDArray[Any]:
+    dtype_code, shape, data = 0, list[int](), (start, start)
     for number, wire, a, b, value in _fields(buf, start, end):
         if number == 1 and wire == 0:
             dtype_code = value
@@ -82,12 +86,13 @@ def _tensor(raw: bytes, buf: memoryview, start: int, end: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, count=count, offset=data[0]).reshape(shape)
 
 
-def split_result(raw: bytes, start: int = 0, end: int | None = None) -> tuple[pb.SequenceResult, dict[str, np.ndarray]]:
+def split_result(raw: bytes, start: int = 0,
+                 end: int | None = None) -> tuple[pb.SequenceResult, dict[str, npt.NDArray[Any]]]:
     """A SequenceResult without its tensors (parsed) and its tensors (views into raw)."""
     buf = memoryview(raw)
     end = len(raw) if end is None else end
     rest = bytearray()
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, npt.NDArray[Any]] = {}
     pos = start
     for number, wire, a, b, _ in _fields(buf, start, end):
         name = TENSOR_FIELDS.get(number)
@@ -99,7 +104,7 @@ def split_result(raw: bytes, start: int = 0, end: int | None = None) -> tuple[pb
     return pb.SequenceResult.FromString(bytes(rest)), tensors
 
 
-def split_response(raw: bytes) -> list[tuple[pb.SequenceResult, dict[str, np.ndarray]]]:
+def split_response(raw: bytes) -> list[tuple[pb.SequenceResult, dict[str, npt.NDArray[Any]]]]:
     """Every result of an AnalyzeResponse, as split_result gives them."""
     buf = memoryview(raw)
     return [split_result(raw, a, b) for number, wire, a, b, _ in _fields(buf, 0, len(raw))

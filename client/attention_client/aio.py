@@ -1,27 +1,36 @@
-"""asyncio client: the same names as AttentionClient, awaitable."""
+"""asyncio client: the same names and arguments as AttentionClient, awaitable."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
 
 from ._channel import PemSource, channel_security
-from ._client import ANALYZE, ANALYZE_STREAM, CHANNEL_OPTIONS, Metadata, _CallDefaults
+from ._client import ANALYZE, ANALYZE_STREAM, CHANNEL_OPTIONS, Metadata, _CallDefaults, _decode_failed
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
-from ._request import SequenceLike, build_request
+from ._request import (
+    AttentionDType,
+    Fusion,
+    SequenceInput,
+    batch_request,
+    build_options,
+    check_timeout,
+    single_request,
+)
 from ._wire import split_response, split_result
 from .errors import AttentionError
 from .results import AnalyzeResult, ModelInfo
+from .tensors import TensorError
 
 
 class AsyncAttentionClient(_CallDefaults):
     """asyncio twin of AttentionClient (grpc.aio). Use `async with`, or await close().
 
     Takes the same arguments as AttentionClient, TLS, mutual TLS and `token`
-    ($ATTENTION_TOKEN when None) included; see its docstring.
+    ($ATTENTION_TOKEN when None) included, and raises the same errors; see its docstring.
     """
 
     def __init__(
@@ -38,6 +47,7 @@ class AsyncAttentionClient(_CallDefaults):
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
     ) -> None:
+        check_timeout(timeout)
         self._security = channel_security(
             target, root_certificates=root_certificates, certificate_chain=certificate_chain,
             private_key=private_key, tls=tls, token=token, credentials=credentials)
@@ -48,44 +58,124 @@ class AsyncAttentionClient(_CallDefaults):
         )
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
         # Analyze responses are decoded without copying their tensors (see _wire).
-        self._analyze_raw = self._channel.unary_unary(
+        self._analyze_raw: grpc.aio.UnaryUnaryMultiCallable[pb.AnalyzeRequest, bytes] = self._channel.unary_unary(
             ANALYZE, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
-        self._stream_raw = self._channel.unary_stream(
+        self._stream_raw: grpc.aio.UnaryStreamMultiCallable[pb.AnalyzeRequest, bytes] = self._channel.unary_stream(
             ANALYZE_STREAM, request_serializer=pb.AnalyzeRequest.SerializeToString, response_deserializer=None)
         self.timeout = timeout
         self.metadata = tuple(metadata or ())
 
     async def analyze(
         self,
-        sequences: SequenceLike | Iterable[SequenceLike],
+        sequence: SequenceInput,
         *,
+        text_pair: str | None = None,
+        model: str = "",
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        attention: bool = True,
+        attention_dtype: AttentionDType = "float32",
+        hidden_states: bool = True,
+        top_k: int | None = None,
+        min_strength: float = 0.0,
+        exclude_special_tokens: bool = False,
+        word_level: bool = False,
+        head_statistics: bool = False,
+        rollout: Fusion | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
-        **options: Any,
-    ) -> Any:
-        """See AttentionClient.analyze."""
-        request, single = build_request(sequences, **options)
+    ) -> AnalyzeResult:
+        """One sequence, one result: see AttentionClient.analyze for every argument."""
+        options = build_options(
+            layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
+            hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
+            exclude_special_tokens=exclude_special_tokens, word_level=word_level,
+            head_statistics=head_statistics, rollout=rollout)
+        request = single_request(sequence, text_pair=text_pair, model=model, options=options)
+        [result] = await self._unary(request, timeout, metadata)
+        return result
+
+    async def analyze_batch(
+        self,
+        sequences: Iterable[SequenceInput],
+        *,
+        text_pairs: Sequence[str | None] | None = None,
+        ids: Sequence[str] | None = None,
+        model: str = "",
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        attention: bool = True,
+        attention_dtype: AttentionDType = "float32",
+        hidden_states: bool = True,
+        top_k: int | None = None,
+        min_strength: float = 0.0,
+        exclude_special_tokens: bool = False,
+        word_level: bool = False,
+        head_statistics: bool = False,
+        rollout: Fusion | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[AnalyzeResult]:
+        """A batch in one call, a list of results: see AttentionClient.analyze_batch."""
+        options = build_options(
+            layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
+            hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
+            exclude_special_tokens=exclude_special_tokens, word_level=word_level,
+            head_statistics=head_statistics, rollout=rollout)
+        request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
+        return await self._unary(request, timeout, metadata)
+
+    def analyze_stream(
+        self,
+        sequences: Iterable[SequenceInput],
+        *,
+        text_pairs: Sequence[str | None] | None = None,
+        ids: Sequence[str] | None = None,
+        model: str = "",
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        attention: bool = True,
+        attention_dtype: AttentionDType = "float32",
+        hidden_states: bool = True,
+        top_k: int | None = None,
+        min_strength: float = 0.0,
+        exclude_special_tokens: bool = False,
+        word_level: bool = False,
+        head_statistics: bool = False,
+        rollout: Fusion | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[AnalyzeResult]:
+        """`async for` over the results as they come: see AttentionClient.analyze_stream.
+        Arguments are checked when this is called, before anything is sent."""
+        options = build_options(
+            layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
+            hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
+            exclude_special_tokens=exclude_special_tokens, word_level=word_level,
+            head_statistics=head_statistics, rollout=rollout)
+        request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
+        return self._stream(request, self._kw(timeout, metadata))
+
+    async def _unary(self, request: pb.AnalyzeRequest, timeout: float | None,
+                     metadata: Metadata | None) -> list[AnalyzeResult]:
         try:
             raw = await self._analyze_raw(request, **self._kw(timeout, metadata))
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
-        results = [AnalyzeResult.from_parts(m, t) for m, t in split_response(raw)]
-        return results[0] if single else results
+        try:
+            return [AnalyzeResult.from_parts(m, t) for m, t in split_response(raw)]
+        except TensorError as exc:
+            raise _decode_failed(exc) from exc
 
-    async def analyze_stream(
-        self,
-        sequences: Iterable[SequenceLike],
-        *,
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
-        **options: Any,
-    ) -> AsyncIterator[AnalyzeResult]:
-        """See AttentionClient.analyze_stream."""
-        request, _ = build_request(sequences, **options)
-        call = self._stream_raw(request, **self._kw(timeout, metadata))
+    async def _stream(self, request: pb.AnalyzeRequest, kw: dict[str, Any]) -> AsyncIterator[AnalyzeResult]:
+        call = self._stream_raw(request, **kw)
         try:
             async for raw in call:
-                yield AnalyzeResult.from_parts(*split_result(raw))
+                try:
+                    parts = split_result(raw)
+                except TensorError as exc:
+                    raise _decode_failed(exc) from exc
+                yield AnalyzeResult.from_parts(*parts)
         except grpc.RpcError as exc:
             raise AttentionError.from_rpc_error(exc) from exc
         finally:
@@ -93,6 +183,7 @@ class AsyncAttentionClient(_CallDefaults):
 
     async def list_models(self, *, timeout: float | None = None,
                           metadata: Metadata | None = None) -> list[ModelInfo]:
+        """Metadata and heads of every served model."""
         try:
             response = await self._stub.ListModels(pb.ListModelsRequest(), **self._kw(timeout, metadata))
         except grpc.RpcError as exc:
@@ -101,6 +192,7 @@ class AsyncAttentionClient(_CallDefaults):
 
     async def get_model(self, name: str = "", *, timeout: float | None = None,
                         metadata: Metadata | None = None) -> ModelInfo:
+        """Metadata and heads of one model ('' for the server's default); NotFoundError for an unknown name."""
         try:
             msg = await self._stub.GetModel(pb.GetModelRequest(name=name), **self._kw(timeout, metadata))
         except grpc.RpcError as exc:

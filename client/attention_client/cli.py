@@ -1,87 +1,56 @@
 """`attention-client`: read heads from the command line.
 
     attention-client analyze "The transformer model processes all tokens." --top-k 3
-    attention-client analyze "..." --json result.json --npz result.npz
+    attention-client analyze "..." --json result.json --npz result.npz --html view.html
+    attention-client analyze --input texts.jsonl --json - > results.json   # a file, JSON to stdout
+    cat texts.txt | attention-client analyze - --stream                     # stdin, one text per line
     attention-client models
     attention-client heads [MODEL]
     attention-client --ca-file ca.pem --token-file token.txt models    # TLS and a bearer token
+
+Exit status: 0 done, 1 a failed call (the status and message on stderr), 2 a usage,
+input or file error, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from ._channel import TOKEN_ENV, read_pem
+from ._cli_input import FORMATS, InputError, gather
+from ._cli_output import (
+    HtmlWriter,
+    Item,
+    JsonWriter,
+    NpzWriter,
+    Progress,
+    TableWriter,
+    Writer,
+    format_models,
+    format_pairs,
+    result_to_json,
+    save_npz,
+)
 from ._client import AttentionClient
 from .errors import AttentionError
 from .results import AnalyzeResult, ModelInfo
 
+__all__ = ["format_models", "format_pairs", "main", "result_to_json", "save_npz"]
 
-def format_pairs(result: AnalyzeResult, roles: dict[tuple[int, int], str] | None = None,
-                 words: bool = False) -> str:
-    """The table a person reads: layer, head, (role,) from token or word, to, strength."""
-    rows = result.word_pair_rows() if words else result.pair_rows()
-    roles = roles or {}
-    width = max([len("from"), *(max(len(f), len(t)) for _, _, f, t, _ in rows)]) if rows else 4
-    rw = max([len("role"), *(len(r) for r in roles.values())]) if roles else 0
-    role_head = f"  {'role':<{rw}}" if roles else ""
-    lines = [f"{'layer':>5}  {'head':>4}{role_head}  {'from':<{width}}  {'to':<{width}}  {'strength':>8}"]
-    for layer, head, frm, to, strength in rows:
-        role = f"  {roles.get((layer, head), '-'):<{rw}}" if roles else ""
-        lines.append(f"{layer:>5}  {head:>4}{role}  {frm:<{width}}  {to:<{width}}  {strength * 100:>7.1f}%")
-    return "\n".join(lines)
-
-
-def result_to_json(result: AnalyzeResult) -> dict[str, Any]:
-    return {
-        "index": result.index,
-        "id": result.id,
-        "tokens": [vars(t) for t in result.tokens],
-        "layers": result.layers,
-        "heads": result.heads,
-        "pairs": [
-            {"layer": hp.layer, "head": hp.head, "pairs": [vars(p) for p in hp.pairs]} for hp in result.pairs
-        ],
-        "attention": None if result.attention is None else result.attention.astype(float).tolist(),
-        "hidden_states": None if result.hidden_states is None else result.hidden_states.astype(float).tolist(),
-    }
-
-
-def save_npz(results: list[AnalyzeResult], path: Path) -> None:
-    arrays: dict[str, np.ndarray] = {}
-    for r in results:
-        arrays[f"seq{r.index}_token_ids"] = np.array([t.id for t in r.tokens], dtype=np.int64)
-        arrays[f"seq{r.index}_tokens"] = np.array(r.token_texts)
-        arrays[f"seq{r.index}_layers"] = np.array(r.layers, dtype=np.int32)
-        arrays[f"seq{r.index}_heads"] = np.array(r.heads, dtype=np.int32)
-        if r.attention is not None:
-            arrays[f"seq{r.index}_attention"] = r.attention
-        if r.hidden_states is not None:
-            arrays[f"seq{r.index}_hidden_states"] = r.hidden_states
-    np.savez_compressed(path, **arrays)
-
-
-def format_models(models: list[ModelInfo]) -> str:
-    lines = []
-    for m in models:
-        lines.append(f"{m.name}: {m.architecture}, {m.num_layers} layers x {m.num_heads} heads, hidden "
-                     f"{m.hidden_size}, {m.max_positions} positions, vocab {m.vocab_size}, max batch "
-                     f"{m.max_batch_size}\n  source: {m.source}\n  sha256: {m.sha256}")
-    return "\n".join(lines)
+FALLBACK_BATCH = 32
+"""Sequences per request when the server does not tell its max_batch_size."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-client", description="Client for the attention service.")
     parser.add_argument("--target", default=os.environ.get("ATTENTION_TARGET", "localhost:50051"),
                         help="server address (default: $ATTENTION_TARGET or localhost:50051)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
     security = parser.add_argument_group(
         "security", "TLS when any of --tls, --ca-file, --cert-file, --key-file is given; plaintext otherwise")
     security.add_argument("--tls", action="store_true",
@@ -100,44 +69,70 @@ def _parser() -> argparse.ArgumentParser:
                        help="read the bearer token from this file (its first line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    analyze = sub.add_parser("analyze", help="top pairs per head for one or more texts")
-    analyze.add_argument("texts", nargs="+", help="input text(s)")
-    analyze.add_argument("--model", default="")
-    analyze.add_argument("--layers", type=int, nargs="*", default=None)
-    analyze.add_argument("--heads", type=int, nargs="*", default=None)
+    analyze = sub.add_parser(
+        "analyze", help="top pairs per head for one or more texts",
+        description="Top pairs per head for texts from the command line, stdin or a file. Large inputs are "
+                    "sent in requests of the server's max_batch_size, with a progress bar on stderr.")
+    analyze.add_argument("texts", nargs="*", metavar="TEXT",
+                         help="input text(s); '-' reads them from stdin (one per line, or JSON lines)")
+    analyze.add_argument("-i", "--input", metavar="FILE",
+                         help="read inputs from FILE ('-': stdin): one text per line, or JSON lines "
+                              "{\"text\": ..., \"text_pair\": ..., \"id\": ...}; blank lines are skipped")
+    analyze.add_argument("--input-format", choices=FORMATS, default="auto",
+                         help="how to read stdin and --input: 'text' (a text per line), 'jsonl', or 'auto' "
+                              "(JSON lines when the first line is a JSON object; the default)")
+    analyze.add_argument("--text-pair", metavar="TEXT",
+                         help="second text for sentence-pair input (segment 1), with exactly one TEXT")
+    analyze.add_argument("--model", default="", help="model name (default: the server's default model)")
+    analyze.add_argument("--layers", type=int, nargs="+", metavar="N",
+                         help="layers to analyze, 0-based (default: all)")
+    analyze.add_argument("--heads", type=int, nargs="+", metavar="N",
+                         help="heads to analyze within each layer, 0-based (default: all)")
     analyze.add_argument("--top-k", type=int, default=3, help="pairs per head (default 3)")
-    analyze.add_argument("--min-strength", type=float, default=0.0)
+    analyze.add_argument("--min-strength", type=float, default=0.0,
+                         help="leave out pairs weaker than this, 0..1 (default 0)")
     analyze.add_argument("--include-special", action="store_true",
                          help="keep pairs with [CLS]/[SEP] in the table (left out by default: they dominate)")
-    analyze.add_argument("--float16", action="store_true", help="ask for float16 attention")
+    analyze.add_argument("--float16", action="store_true", help="ask for float16 attention (half the bytes)")
     analyze.add_argument("--words", action="store_true", help="word-level pairs (split words joined)")
-    analyze.add_argument("--json", type=Path, help="write the full result as JSON")
-    analyze.add_argument("--npz", type=Path, help="write tokens, attention and hidden states as .npz")
-
-    analyze.add_argument("--html", type=Path, help="write an interactive head view (offline HTML)")
+    analyze.add_argument("--json", metavar="PATH",
+                         help="write the full results (tokens, pairs, attention, hidden states) as a JSON array; "
+                              "'-' writes it to stdout instead of the table")
+    analyze.add_argument("--npz", type=Path, metavar="PATH",
+                         help="write tokens, attention and hidden states as .npz (keys seq<N>_...)")
+    analyze.add_argument("--html", type=Path, metavar="PATH",
+                         help="write an interactive head view (offline HTML); with several texts, one page per "
+                              "text (PATH's name + -<N>) and at PATH a page to pick among them")
+    analyze.add_argument("--stream", action="store_true",
+                         help="use AnalyzeStream: each result is written as soon as it is computed")
+    analyze.add_argument("--batch-size", type=int, metavar="N",
+                         help="sequences per request (default and upper bound: the server's max_batch_size)")
+    analyze.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="progress bar on stderr (default: when stderr is a terminal and there is more than "
+                              "one text; needs tqdm, the 'cli' extra)")
 
     explore = sub.add_parser("explore", help="a local web page to explore heads interactively")
-    explore.add_argument("--model", default="")
-    explore.add_argument("--host", default="127.0.0.1")
+    explore.add_argument("--model", default="", help="model name (default: the server's default model)")
+    explore.add_argument("--host", default="127.0.0.1", help="address the page listens on (default 127.0.0.1)")
     explore.add_argument("--port", type=int, default=8080, help="0 picks a free port")
 
     sub.add_parser("models", help="list the served models")
     heads = sub.add_parser("heads", help="list a model's heads")
-    heads.add_argument("model", nargs="?", default="")
+    heads.add_argument("model", nargs="?", default="", help="model name (default: the server's default model)")
     return parser
 
 
 def _token(args: argparse.Namespace) -> str | None:
     """--token, the first line of --token-file, or None ($ATTENTION_TOKEN, read by the client)."""
     if args.token_file is None:
-        return args.token
+        return None if args.token is None else str(args.token)
     try:
         lines = args.token_file.read_text().splitlines()
     except OSError as exc:
         raise OSError(f"--token-file: cannot read {args.token_file}: {exc.strerror or exc}") from None
     if not lines or not lines[0].strip():
         raise ValueError(f"--token-file: {args.token_file} is empty")
-    return lines[0]
+    return str(lines[0])
 
 
 def _open_client(args: argparse.Namespace) -> AttentionClient:
@@ -155,8 +150,104 @@ def _say(exc: Exception) -> str:
     return str(exc)
 
 
+def _has_tqdm() -> bool:
+    return importlib.util.find_spec("tqdm") is not None
+
+
+def _check_analyze_args(args: argparse.Namespace, stderr_tty: bool) -> bool:
+    """Usage errors of `analyze` found before anything is read or sent (InputError); whether to show a bar."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    if args.npz is not None and str(args.npz) == "-":
+        raise InputError("--npz: needs a file path (.npz is binary)")
+    if args.html is not None and str(args.html) == "-":
+        raise InputError("--html: needs a file path")
+    if args.progress and not _has_tqdm():
+        raise InputError("--progress needs tqdm: pip install 'attention-client[cli]'")
+    if args.progress is None:
+        return stderr_tty and _has_tqdm()
+    return bool(args.progress)
+
+
+def _chunks(items: list[Item], size: int) -> Iterable[tuple[int, list[Item]]]:
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def _analyze(client: AttentionClient, args: argparse.Namespace, items: list[Item], show_bar: bool) -> int:
+    info = client.get_model(args.model)
+    limit = info.max_batch_size if info.max_batch_size > 0 else FALLBACK_BATCH
+    size = min(args.batch_size or limit, limit)
+    full = bool(args.json or args.npz or args.html)
+    json_to_stdout = args.json == "-"
+    roles = {(h.layer, h.index): h.role for h in info.heads if h.role}
+    done = 0
+    with Progress(len(items), show_bar and len(items) > 1) as progress:
+        writers: list[Writer] = []
+        try:
+            if not json_to_stdout:
+                writers.append(TableWriter(progress, roles, args.words, several=len(items) > 1))
+            if args.json:
+                writers.append(JsonWriter(args.json))
+            if args.npz:
+                writers.append(NpzWriter(args.npz))
+            if args.html:
+                writers.append(HtmlWriter(args.html, info, len(items)))
+            for start, chunk in _chunks(items, size):
+                results = _call(client, args, chunk, full)
+                for result in results:
+                    position = start + result.index
+                    for writer in writers:
+                        writer.add(position, chunk[result.index], result)
+                    done += 1
+                    progress.update()
+        except AttentionError:
+            if len(items) > 1:
+                print(f"attention-client: stopped after {done} of {len(items)} texts; the outputs hold those",
+                      file=sys.stderr)
+            raise
+        finally:
+            for writer in writers:
+                writer.close()
+        if not json_to_stdout and not args.include_special:
+            progress.print("(pairs with special tokens left out; --include-special shows them)")
+    return 0
+
+
+def _call(client: AttentionClient, args: argparse.Namespace, chunk: list[Item],
+          full: bool) -> Iterable[AnalyzeResult]:
+    """One request for a chunk of inputs: a list (Analyze), or results as they come (AnalyzeStream)."""
+    method = client.analyze_stream if args.stream else client.analyze_batch
+    return method(
+        [item.text for item in chunk],
+        text_pairs=[item.text_pair for item in chunk] if any(i.text_pair is not None for i in chunk) else None,
+        ids=[item.id for item in chunk] if any(i.id for i in chunk) else None,
+        model=args.model, layers=args.layers, heads=args.heads, top_k=args.top_k, min_strength=args.min_strength,
+        exclude_special_tokens=not args.include_special, attention=full, hidden_states=full,
+        attention_dtype="float16" if args.float16 else "float32", word_level=args.words or bool(args.html),
+        head_statistics=bool(args.html),
+    )
+
+
+def _heads(info: ModelInfo) -> None:
+    print(f"{info.name}: {len(info.heads)} heads")
+    for h in info.heads:
+        stats = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.statistics.items()))
+        print(f"  layer {h.layer:>2} head {h.index:>2}  {h.role or '-':<14} {h.family or '-':<18} {stats}".rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    items: list[Item] = []
+    show_bar = False
+    if args.command == "analyze":
+        try:
+            show_bar = _check_analyze_args(args, sys.stderr.isatty())
+            items = gather(args.texts, args.input, args.input_format, args.text_pair, sys.stdin)
+        except InputError as exc:
+            print(f"attention-client: {exc}", file=sys.stderr)
+            return 2
     try:
         client = _open_client(args)
     except (OSError, ValueError) as exc:  # a missing or bad PEM or token file: the message names it
@@ -178,41 +269,21 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "models":
                 print(format_models(client.list_models()))
             elif args.command == "heads":
-                info = client.get_model(args.model)
-                print(f"{info.name}: {len(info.heads)} heads")
-                for h in info.heads:
-                    stats = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.statistics.items()))
-                    print(f"  layer {h.layer:>2} head {h.index:>2}  {h.role or '-':<14} {h.family or '-':<18} "
-                          f"{stats}".rstrip())
+                _heads(client.get_model(args.model))
             else:
-                full = bool(args.json or args.npz or args.html)
-                results = client.analyze(
-                    args.texts, model=args.model, layers=args.layers, heads=args.heads, top_k=args.top_k,
-                    min_strength=args.min_strength, exclude_special_tokens=not args.include_special,
-                    attention=full, hidden_states=full, attention_dtype="float16" if args.float16 else "float32",
-                    word_level=args.words or bool(args.html), head_statistics=bool(args.html),
-                )
-                info = client.get_model(args.model)
-                roles = {(h.layer, h.index): h.role for h in info.heads if h.role}
-                for text, result in zip(args.texts, results, strict=True):
-                    if len(results) > 1:
-                        print(f"# {text}")
-                    print(format_pairs(result, roles, words=args.words))
-                if not args.include_special:
-                    print("(pairs with special tokens left out; --include-special shows them)")
-                if args.json:
-                    args.json.write_text(json.dumps([result_to_json(r) for r in results]))
-                if args.npz:
-                    save_npz(results, args.npz)
-                if args.html:
-                    from .viz import head_view_html
-
-                    head_view_html(results[0], info, args.html)
+                return _analyze(client, args, items, show_bar)
     except AttentionError as exc:
         print(f"attention-client: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # output piped into `head` and the like
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:  # outputs written so far are closed and complete
+        print("attention-client: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # an output file that cannot be written
+        if isinstance(exc, BrokenPipeError):  # output piped into `head` and the like
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"attention-client: {_say(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,7 +12,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from ._client import AttentionClient
-from .errors import AttentionError
+from .errors import AttentionError, InvalidArgumentError
+from .results import ModelInfo
 from .viz import render_page, view_data
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,10 @@ class Explorer:
     def __init__(self, client: AttentionClient, model: str = "") -> None:
         self.client = client
         self.model = model
-        self._info = None
+        self._info: ModelInfo | None = None
         self._lock = threading.Lock()
 
-    def info(self) -> Any:
+    def info(self) -> ModelInfo:
         with self._lock:
             if self._info is None:
                 self._info = self.client.get_model(self.model)
@@ -61,7 +62,7 @@ class Explorer:
                     try:
                         body = explorer.analyze(text)
                     except AttentionError as exc:
-                        self._send(400 if exc.code.name == "INVALID_ARGUMENT" else 502,
+                        self._send(400 if isinstance(exc, InvalidArgumentError) else 502,
                                    json.dumps({"error": str(exc)}).encode(), "application/json")
                         return
                     self._send(200, json.dumps(body).encode(), "application/json")

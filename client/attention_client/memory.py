@@ -40,10 +40,10 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: int = 
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(M_MMAP_THRESHOLD, min(mmap_threshold, MMAP_THRESHOLD_MAX)) == 1
-    ok = mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
+    ok = bool(mallopt(M_MMAP_THRESHOLD, min(mmap_threshold, MMAP_THRESHOLD_MAX)) == 1)
+    ok = bool(mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1) and ok
     if not use_mmap:
-        ok = mallopt(M_MMAP_MAX, 0) == 1 and ok
+        ok = bool(mallopt(M_MMAP_MAX, 0) == 1) and ok
     if not ok:
         log.warning("mallopt refused the allocator settings")
     return ok

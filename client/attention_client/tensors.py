@@ -3,11 +3,14 @@ client SDK and the server's converters. Raw little-endian bytes, C order."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
+import numpy.typing as npt
 
 from ._proto.attention.v1 import attention_pb2 as pb
 
-DTYPES: dict[int, np.dtype] = {
+DTYPES: dict[int, np.dtype[Any]] = {
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
     pb.DATA_TYPE_INT32: np.dtype("<i4"),
@@ -20,7 +23,7 @@ class TensorError(ValueError):
     """A Tensor message whose dtype, shape and byte count disagree."""
 
 
-def dtype_code(dtype: np.dtype | type) -> int:
+def dtype_code(dtype: np.dtype[Any] | type) -> int:
     dt = np.dtype(dtype)
     try:
         return _BY_KIND[(dt.kind, dt.itemsize)]
@@ -28,18 +31,18 @@ def dtype_code(dtype: np.dtype | type) -> int:
         raise TensorError(f"dtype {dt} has no attention.v1.DataType") from None
 
 
-def to_tensor(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
+def to_tensor(array: npt.NDArray[Any], out: pb.Tensor | None = None) -> pb.Tensor:
     """Encode an array (copied once into the message as little-endian bytes)."""
     code = dtype_code(array.dtype)
     le = array.astype(DTYPES[code], copy=False)
     tensor = out if out is not None else pb.Tensor()
-    tensor.dtype = code
+    tensor.dtype = cast("pb.DataType.ValueType", code)
     tensor.shape[:] = array.shape
     tensor.data = np.ascontiguousarray(le).tobytes()
     return tensor
 
 
-def from_tensor(tensor: pb.Tensor) -> np.ndarray:
+def from_tensor(tensor: pb.Tensor) -> npt.NDArray[Any]:
     """Decode without copying (a read-only view of the message's bytes)."""
     if tensor.dtype not in DTYPES:
         raise TensorError(f"unknown tensor dtype {tensor.dtype}")

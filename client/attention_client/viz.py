@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .results import AnalyzeResult, ModelInfo
+from .errors import InvalidArgumentError
+from .results import AnalyzeResult, FloatArray, ModelInfo
 
 
 def _template() -> str:
@@ -21,7 +22,8 @@ def view_data(result: AnalyzeResult, info: ModelInfo | None = None, decimals: in
     """What the head view shows, as JSON-ready data: token and word matrices of
     the result's layers and heads, roles from `info`, per-sequence statistics."""
     if result.attention is None:
-        raise ValueError("the head view needs attention matrices (analyze with attention=True)")
+        raise InvalidArgumentError("attention: not in this result; the head view needs the matrices "
+                                   "(analyze with attention=True)")
     stats = {f"{h.layer},{h.index}": h.statistics for h in result.head_statistics}
     roles = {}
     if info is not None:
@@ -75,11 +77,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def _matrix(result: AnalyzeResult, layer: int, head: int, words: bool) -> tuple[np.ndarray, list[str]]:
+def _matrix(result: AnalyzeResult, layer: int, head: int, words: bool) -> tuple[FloatArray, list[str]]:
     if words:
-        if result.word_attention is None:
-            raise ValueError("word-level plots need analyze(..., word_level=True)")
-        m = result.word_attention[result.layers.index(layer), result.heads.index(head)]
+        word_attention = result.word_attention
+        if word_attention is None:
+            raise InvalidArgumentError("word_attention: not in this result; word-level plots need "
+                                       "analyze(..., word_level=True)")
+        result.head_attention(layer, head)  # the same checks of layer and head
+        m = word_attention[result.layers.index(layer), result.heads.index(head)]
         return m.astype(np.float32), [w.text for w in result.words]
     return result.head_attention(layer, head).astype(np.float32), result.token_texts
 

@@ -42,7 +42,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)  # type: ignore[call-arg]  # pydantic-settings CLI
     from .logs import configure
 
     configure(settings.log_level, settings.log_format)

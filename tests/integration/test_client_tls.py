@@ -13,7 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from attention_client import AsyncAttentionClient, AttentionClient, AttentionError
+from attention_client import (
+    AsyncAttentionClient,
+    AttentionClient,
+    AttentionError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from tests.helpers import ServerThread
 from tests.tls import Pki, make_pki
 
@@ -115,7 +121,7 @@ async def test_async_tls_client(tls_server, pki):
 
 
 def test_plaintext_client_is_refused_by_a_tls_server(tls_server):
-    with AttentionClient(_local(tls_server), timeout=10) as client, pytest.raises(AttentionError) as info:
+    with AttentionClient(_local(tls_server), timeout=10) as client, pytest.raises(UnavailableError) as info:
         client.list_models()
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
@@ -175,9 +181,9 @@ def test_token_over_tls(token_server, pki):
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 def test_no_or_unknown_token_is_unauthenticated(token_server, pki, token):
     with AttentionClient(_local(token_server), root_certificates=pki.ca_file, token=token, timeout=30) as client, \
-            pytest.raises(AttentionError) as info:
+            pytest.raises(UnauthenticatedError) as info:
         client.list_models()
-    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED and not info.value.retryable
 
 
 def test_token_from_the_environment(token_server, pki, monkeypatch):

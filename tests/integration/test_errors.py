@@ -3,7 +3,14 @@
 import grpc
 import pytest
 
-from attention_client import AttentionClient, AttentionError
+from attention_client import (
+    AttentionClient,
+    AttentionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from attention_client._proto.attention.v1 import attention_pb2 as pb
 from attention_client._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 from tests.helpers import ServerThread
@@ -18,7 +25,7 @@ def _raw(server, request):
 
 
 CASES = [
-    # (description, kwargs for client.analyze or a raw request, code, words the message must hold)
+    # (description, kwargs for client.analyze_batch and a raw request, code, words the server's message holds)
     ("empty batch", {"sequences": []}, "INVALID_ARGUMENT", ["sequences", "empty batch", "64"]),
     ("empty text", {"sequences": [""]}, "INVALID_ARGUMENT", ["sequences[0].text", "empty"]),
     ("blank text", {"sequences": ["ok", "   \n"]}, "INVALID_ARGUMENT", ["sequences[1].text", "empty"]),
@@ -50,22 +57,65 @@ CASES = [
 ]
 
 
+def _raw_request(kwargs):
+    """The case as a hand-built message: what any caller, not only this SDK, sends."""
+    sequences = []
+    for seq in kwargs["sequences"]:
+        sequences.append(pb.Sequence(text=seq) if isinstance(seq, str) else pb.Sequence(token_ids=pb.TokenIds(ids=seq)))
+    options = pb.AnalyzeOptions(layers=kwargs.get("layers", []), heads=kwargs.get("heads", []),
+                                min_strength=kwargs.get("min_strength", 0.0))
+    if "top_k" in kwargs:
+        options.top_k = kwargs["top_k"]
+    return pb.AnalyzeRequest(model=kwargs.get("model", ""), sequences=sequences, options=options)
+
+
 @pytest.mark.parametrize(("kwargs", "code", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_status_and_message_then_still_serving(client, kwargs, code, words):
+def test_bad_input_status_and_message_then_still_serving(server, client, kwargs, code, words):
+    # the server's answer, whoever calls
+    with pytest.raises(grpc.RpcError) as raw:
+        _raw(server, _raw_request(kwargs))
+    assert raw.value.code().name == code
+    for word in words:
+        assert word in raw.value.details(), raw.value.details()
+    # through the SDK: the same status and field, refused before the call when the SDK can tell
     kwargs = dict(kwargs)
     sequences = kwargs.pop("sequences")
     with pytest.raises(AttentionError) as err:
-        client.analyze(sequences if sequences else [], **kwargs)
-    assert err.value.code.name == code
-    for word in words:
-        assert word in err.value.details, err.value.details
+        client.analyze_batch(sequences, **kwargs)
+    assert err.value.code.name == code and not err.value.retryable
+    assert type(err.value) is {"INVALID_ARGUMENT": InvalidArgumentError, "NOT_FOUND": NotFoundError}[code]
+    assert words[0] in err.value.details, err.value.details
+    if err.value.request_id is not None:  # reached the server: its details, word for word
+        assert err.value.details == raw.value.details()
     assert len(client.analyze(GOOD, top_k=1).tokens) == 7
 
 
+def test_the_sdk_refuses_what_it_can_check_and_the_server_the_rest(client):
+    with pytest.raises(InvalidArgumentError) as err:
+        client.analyze(GOOD, top_k=0)
+    assert err.value.request_id is None  # never sent
+    assert err.value.details == "options.top_k: must be at least 1 when set (None for no pairs), got 0"
+    with pytest.raises(InvalidArgumentError) as err:
+        client.analyze(GOOD, layers=[])
+    assert err.value.request_id is None and err.value.details.startswith("options.layers: must not be empty")
+    with pytest.raises(InvalidArgumentError) as err:
+        client.analyze(GOOD, top_k=262145)  # the model's limit: the server's to tell
+    assert err.value.request_id and "[1, 262144]" in err.value.details
+    assert isinstance(err.value.__cause__, grpc.RpcError)
+
+
+def test_request_id_is_the_callers_when_given(client):
+    with pytest.raises(NotFoundError) as err:
+        client.analyze(GOOD, model="gpt-17", metadata=[("x-request-id", "my-trace-42")])
+    assert err.value.request_id == "my-trace-42"
+    assert str(err.value).endswith("(request id my-trace-42)")
+
+
 def test_stream_reports_the_same_errors(client):
-    with pytest.raises(AttentionError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         list(client.analyze_stream(["fine", ""]))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "sequences[1].text" in err.value.details
+    assert err.value.request_id
 
 
 def test_hand_built_messages_with_bad_fields(server, client):
@@ -91,22 +141,23 @@ def test_hand_built_messages_with_bad_fields(server, client):
 
 
 def test_unknown_model_in_get_model(client):
-    with pytest.raises(AttentionError) as err:
+    with pytest.raises(NotFoundError) as err:
         client.get_model("nope")
-    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and err.value.request_id
 
 
 def test_response_over_the_limit_is_resource_exhausted_and_stream_still_works():
     with ServerThread(max_response_bytes=2 << 20, max_batch_size=4) as srv, AttentionClient(srv.target) as c:
         text = "word " * 100  # 102 tokens: 6*12*102*102*4 = 3 MB of attention
-        with pytest.raises(AttentionError) as err:
-            c.analyze([text])
+        with pytest.raises(ResourceExhaustedError) as err:
+            c.analyze_batch([text])
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_response_bytes" in err.value.details and "2 MiB" in err.value.details
+        assert not err.value.retryable  # the same call would be refused again
         # asking for less fits
         assert c.analyze(text, attention_dtype="float16", layers=[0]).attention.shape == (1, 12, 102, 102)
-        with pytest.raises(AttentionError) as err:
-            c.analyze(["a"] * 5)
+        with pytest.raises(InvalidArgumentError) as err:
+            c.analyze_batch(["a"] * 5)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "limit of 4" in err.value.details
 
 
@@ -118,9 +169,9 @@ def test_unexpected_failure_is_internal_without_a_stack_trace(server, client, mo
         raise RuntimeError("secret detail from deep inside")
 
     monkeypatch.setattr(runtime, "run", broken)
-    with pytest.raises(AttentionError) as err:
+    with pytest.raises(InternalError) as err:
         client.analyze(GOOD)
-    assert err.value.code == grpc.StatusCode.INTERNAL
+    assert err.value.code == grpc.StatusCode.INTERNAL and err.value.request_id
     assert "secret" not in err.value.details and "Traceback" not in err.value.details
     assert "incident" in err.value.details
     monkeypatch.undo()

@@ -58,7 +58,7 @@ def test_numpy_ids_give_our_own_apis_numbers(triton_run):
     assert hidden.shape == (2, 8, 384) and attention.shape == (2, 6, 12, 8, 8)  # the caller's padded axis
     assert out["ids"]["sequence_length"] == [6, 4]
     assert out["ids_response_id"] == "ids-1"
-    ours = client.analyze([[101, 1996, 10938, 2121, 2944, 102], [101, 7592, 2088, 102]])
+    ours = client.analyze_batch([[101, 1996, 10938, 2121, 2944, 102], [101, 7592, 2088, 102]])
     for row, result in enumerate(ours):
         n = len(result.tokens)
         np.testing.assert_allclose(hidden[row, :n], result.hidden_states, atol=1e-5)
@@ -69,7 +69,7 @@ def test_numpy_ids_give_our_own_apis_numbers(triton_run):
 def test_text_input_tokens_float16_and_pairs(triton_run):
     out, client = triton_run
     text = out["text"]
-    ours = client.analyze(["The transformer model processes all tokens.", "hello world"], top_k=2,
+    ours = client.analyze_batch(["The transformer model processes all tokens.", "hello world"], top_k=2,
                           attention_dtype="float16")
     assert text["sequence_length"] == [len(r.tokens) for r in ours]
     assert text["tokens"][1][:4] == ["[CLS]", "hello", "world", "[SEP]"] and text["tokens"][1][4] == ""

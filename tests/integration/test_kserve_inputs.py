@@ -58,7 +58,7 @@ def test_one_dimensional_text_and_typed_bytes(stub, client):
     ], outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name="sequence_length"),
                 kpb.ModelInferRequest.InferRequestedOutputTensor(name="tokens")])
     response = stub.ModelInfer(request, timeout=60)
-    expected = [len(r.tokens) for r in client.analyze(["hello world", "naïve café"])]
+    expected = [len(r.tokens) for r in client.analyze_batch(["hello world", "naïve café"])]
     assert _array(response, "sequence_length").tolist() == expected
     assert [o.name for o in response.outputs] == ["sequence_length", "tokens"]  # the order asked
 

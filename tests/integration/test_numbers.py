@@ -17,7 +17,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def batch(client):
-    return client.analyze(SENTENCES, top_k=5)
+    return client.analyze_batch(SENTENCES, top_k=5)
 
 
 def test_tokens_match_the_source_tokenizer(batch):
@@ -89,7 +89,7 @@ def test_token_ids_and_text_give_the_same_numbers(client):
 
 
 def test_sentence_pairs_use_segments(client):
-    result = client.analyze(("Where is the cat?", "The cat sits on the mat."))
+    result = client.analyze("Where is the cat?", text_pair="The cat sits on the mat.")
     ids = hf_tokenize("Where is the cat?", "The cat sits on the mat.")
     assert [t.id for t in result.tokens] == ids
     segments = [t.segment for t in result.tokens]
@@ -122,7 +122,7 @@ def test_pairs_only_request_carries_no_matrices(client):
 
 
 def test_stream_gives_the_same_numbers_as_unary(client):
-    unary = client.analyze(SENTENCES, top_k=2, ids=[f"s{i}" for i in range(len(SENTENCES))])
+    unary = client.analyze_batch(SENTENCES, top_k=2, ids=[f"s{i}" for i in range(len(SENTENCES))])
     streamed = list(client.analyze_stream(SENTENCES, top_k=2, ids=[f"s{i}" for i in range(len(SENTENCES))]))
     assert [r.index for r in streamed] == list(range(len(SENTENCES)))
     assert [r.id for r in streamed] == [f"s{i}" for i in range(len(SENTENCES))]

@@ -32,7 +32,7 @@ def test_metrics_move_with_real_calls():
         port = srv.server.metrics_port
         assert port
         before = _scrape(port)
-        results = client.analyze(["hello world", "The transformer model processes all tokens."], top_k=1)
+        results = client.analyze_batch(["hello world", "The transformer model processes all tokens."], top_k=1)
         client.analyze("one more")
         with pytest.raises(AttentionError):
             client.analyze("x", layers=[99])

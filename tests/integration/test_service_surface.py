@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from attention_client import AsyncAttentionClient, AttentionError
+from attention_client import AsyncAttentionClient, DeadlineExceededError, InvalidArgumentError
 
 SENTENCE = "The transformer model processes all tokens in parallel using multi-head attention."
 
@@ -52,14 +52,16 @@ def test_model_metadata_and_heads(client):
 
 
 async def test_async_client_matches_sync_client(server, client):
-    sync = client.analyze([SENTENCE, "hi"], top_k=2)
+    sync = client.analyze_batch([SENTENCE, "hi"], top_k=2)
     async with AsyncAttentionClient(server.target, timeout=60, metadata=[("x-test", "1")]) as aclient:
-        results = await aclient.analyze([SENTENCE, "hi"], top_k=2)
+        results = await aclient.analyze_batch([SENTENCE, "hi"], top_k=2)
         streamed = [r async for r in aclient.analyze_stream([SENTENCE, "hi"], top_k=2)]
+        one = await aclient.analyze(SENTENCE, top_k=2)
         info = await aclient.get_model()
-        with pytest.raises(AttentionError) as err:
+        with pytest.raises(InvalidArgumentError) as err:
             await aclient.analyze("x", layers=[9])
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.request_id
+    np.testing.assert_allclose(one.attention, sync[0].attention, atol=1e-6)
     assert info.name == "minilm-l6"
     for a, b, c in zip(sync, results, streamed, strict=True):
         np.testing.assert_allclose(a.attention, b.attention, atol=1e-6)
@@ -68,14 +70,14 @@ async def test_async_client_matches_sync_client(server, client):
 
 
 def test_deadline_is_reported_as_deadline_exceeded(client):
-    with pytest.raises(AttentionError) as err:
-        client.analyze(["word " * 200] * 4, timeout=0.001)
-    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(DeadlineExceededError) as err:
+        client.analyze_batch(["word " * 200] * 4, timeout=0.001)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and not err.value.retryable
 
 
-def _cli(server, *args):
+def _cli(server, *args, stdin=None):
     return subprocess.run([sys.executable, "-m", "attention_client.cli", "--target", server.target, *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, input=stdin)
 
 
 def test_cli_prints_the_pair_table(server, client):
@@ -112,3 +114,44 @@ def test_cli_reports_errors_with_the_status(server):
     assert models.returncode == 0 and "minilm-l6: BertModel, 6 layers x 12 heads" in models.stdout
     heads = _cli(server, "heads")
     assert heads.returncode == 0 and "72 heads" in heads.stdout
+
+
+def test_cli_reads_stdin_and_writes_json_to_stdout(server, client):
+    texts = [SENTENCE, "hello world", "Short."]
+    done = _cli(server, "analyze", "-", "--top-k", "1", "--json", "-", stdin="\n".join(texts) + "\n\n")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)  # JSON only on stdout
+    assert [r["text"] for r in results] == texts and [r["index"] for r in results] == [0, 1, 2]
+    expected = client.analyze_batch(texts, top_k=1)
+    for got, want in zip(results, expected, strict=True):
+        assert [t["text"] for t in got["tokens"]] == want.token_texts
+        np.testing.assert_allclose(np.asarray(got["attention"]), want.attention, atol=1e-7)
+
+
+def test_cli_splits_a_file_into_the_servers_batches_and_streams(tmp_path):
+    from tests.helpers import ServerThread
+
+    lines = [{"text": f"sentence number {k} is here.", "id": f"s{k}"} for k in range(5)]
+    lines[1]["text_pair"] = "And a second segment."
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with ServerThread(max_batch_size=2) as small:
+        for mode in ([], ["--stream"]):
+            done = _cli(small, "analyze", "--input", str(source), "--top-k", "1", "--json", str(tmp_path / "r.json"),
+                        "--progress", *mode)
+            assert done.returncode == 0, done.stderr  # 5 texts, at most 2 per request
+            results = json.loads((tmp_path / "r.json").read_text())
+            assert [r["id"] for r in results] == [f"s{k}" for k in range(5)]
+            assert {t["segment"] for t in results[1]["tokens"]} == {0, 1}
+            assert "5/5" in done.stderr  # the progress bar
+            assert done.stdout.count("# [s") == 5
+
+
+def test_cli_writes_a_head_view_per_text_and_a_page_to_pick(server, tmp_path):
+    page = tmp_path / "views.html"
+    done = _cli(server, "analyze", SENTENCE, "hello world", "--html", str(page), "--layers", "0")
+    assert done.returncode == 0, done.stderr
+    picker = page.read_text()
+    for k in range(2):
+        view = tmp_path / f"views-{k}.html"
+        assert f'href="{view.name}"' in picker and '"layers": [0]' in view.read_text()

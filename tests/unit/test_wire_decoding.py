@@ -34,7 +34,7 @@ def test_split_response_equals_protobuf_parsing():
             np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name))
             assert getattr(ours, name).dtype == getattr(theirs, name).dtype
         assert ours.word_attention is None
-        assert not ours.attention.flags.owndata and not ours.attention.flags.writeable  # a view into raw
+        assert not tensors["attention"].flags.owndata and not tensors["attention"].flags.writeable  # a view into raw
 
 
 def test_a_stream_message_is_one_result():

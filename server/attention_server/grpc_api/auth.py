@@ -149,9 +149,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.store = store
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         method = details.method
         service = method.split("/")[1] if method.count("/") >= 2 else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from attention_client.protocol import attention_pb2 as pb
@@ -97,10 +99,11 @@ def _len_key(field: int, length: int) -> bytes:
 
 def _tensor_parts(field: int, array: np.ndarray) -> Parts:
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    head = pb.Tensor(dtype=dtype_code(array.dtype), shape=array.shape).SerializeToString()
+    head = pb.Tensor(dtype=cast("pb.DataType.ValueType", dtype_code(array.dtype)), shape=array.shape)
+    head_bytes = head.SerializeToString()
     data_key = _len_key(3, array.nbytes)
-    size = len(head) + len(data_key) + array.nbytes
-    return [_len_key(field, size) + head + data_key, array.reshape(-1).view(np.uint8).data]
+    size = len(head_bytes) + len(data_key) + array.nbytes
+    return [_len_key(field, size) + head_bytes + data_key, array.reshape(-1).view(np.uint8).data]
 
 
 def _pair_table_pb(table: PairTable, field: int = SEQUENCE_RESULT_PAIRS) -> bytes:

@@ -95,9 +95,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return True
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -164,7 +164,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
             return call
 
-        def stream_out(inner: Callable[..., AsyncIterator[Any]], streaming_in: bool) -> Callable[..., Any]:
+        def stream_out(inner: Callable[..., Any], streaming_in: bool) -> Callable[..., Any]:
             async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 started, token = begin(context)
                 failed: BaseException | None = None

@@ -17,7 +17,7 @@ from ..errors import FailedPrecondition, InvalidArgument, ModelLoadError, ModelN
 from ..runtime.budget import Lease
 from ..runtime.engine import Engine
 from ..runtime.stats import Duration
-from ..runtime.types import LoadedModel
+from ..runtime.types import LoadedModel, SequenceOutput
 from . import kserve_codec as codec
 from .response_size import ResponseSize
 
@@ -102,7 +102,7 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self.response_size.check(size)
         lease = await self.engine.reserve(size, timeout)
         try:
-            results = await self.engine.analyze(plan, timeout)
+            results: list[SequenceOutput] = await self.engine.analyze(plan, timeout)
             if size <= INLINE_ENCODE_BYTES:
                 return codec.encode_response(request, meta, names, results, options.top_k), lease
             # Padding and copying multi-MB outputs stays off the event loop.
@@ -115,7 +115,7 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: kpb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
         response, lease = await self._infer(request, context.time_remaining())
-        context.add_done_callback(lambda _: lease.release())
+        context.add_done_callback(lease.release_when_done)  # type: ignore[arg-type]  # stubs: a class
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],

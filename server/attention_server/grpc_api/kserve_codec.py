@@ -289,7 +289,8 @@ def _pad_stack(arrays: list[np.ndarray], length: int, axes: tuple[int, ...], fil
         shape[axis + 1] = length
     out = np.full(shape, fill, dtype=first.dtype)
     for row, array in enumerate(arrays):
-        out[(row, *(slice(0, d) for d in array.shape))] = array
+        index: tuple[int | slice, ...] = (row, *(slice(0, d) for d in array.shape))
+        out[index] = array
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -37,7 +38,7 @@ class AttentionServicer:
         plan = await self._plan(request)
         lease = await self.engine.reserve(self.response_size.unary(plan), context.time_remaining())
         # The response holds its share of the pending-result budget until the call is over (sent or dropped).
-        context.add_done_callback(lambda _: lease.release())
+        context.add_done_callback(lease.release_when_done)  # type: ignore[arg-type]  # stubs: a class
         results = await self.engine.analyze(plan, context.time_remaining(), finish=converters.result_parts)
         parts = converters.analyze_response_parts(plan.model.name, results)
         if converters.parts_size(parts) <= INLINE_JOIN_BYTES:
@@ -70,7 +71,7 @@ class AttentionServicer:
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method table; Analyze* responses are pre-encoded bytes."""
         identity = bytes
-        methods = {
+        methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Analyze": grpc.unary_unary_rpc_method_handler(
                 self.Analyze, request_deserializer=pb.AnalyzeRequest.FromString, response_serializer=identity),
             "AnalyzeStream": grpc.unary_stream_rpc_method_handler(

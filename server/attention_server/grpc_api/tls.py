@@ -67,8 +67,9 @@ class RotatingCredentials:
         self._stamp = _stamp(self._files.paths())
         initial = self._files.configuration()  # fails at start, naming the file, when unreadable
         self.rotations = 0
+        # gRPC's stubs say the fetcher returns a configuration; it may return None for "no change".
         self.credentials = grpc.dynamic_ssl_server_credentials(
-            initial, self._fetch, require_client_authentication=client_ca is not None)
+            initial, self._fetch, require_client_authentication=client_ca is not None)  # type: ignore[arg-type]
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC on each new handshake: a new configuration when the files changed."""

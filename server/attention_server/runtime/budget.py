@@ -32,6 +32,10 @@ class Lease:
         if budget is not None:
             budget._give_back(self.nbytes)
 
+    def release_when_done(self, call: object) -> None:
+        """`release` as a done-callback of the call that sends the result."""
+        self.release()
+
     def __del__(self) -> None:  # a lease dropped without release must not leak budget
         self.release()
 

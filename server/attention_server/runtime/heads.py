@@ -71,7 +71,8 @@ def word_attention(attention: np.ndarray, words: Words) -> np.ndarray:
     member[np.arange(n), words.unit_of_token] = 1.0
     sizes = member.sum(axis=0)
     to_words = attention.astype(np.float32, copy=False) @ member  # [L, H, n, w]: summed over pieces
-    return np.einsum("nw,lhnv->lhwv", member / sizes, to_words, optimize=True)
+    words_to_words: np.ndarray = np.einsum("nw,lhnv->lhwv", member / sizes, to_words, optimize=True)
+    return words_to_words
 
 
 def punctuation_mask(texts: list[str]) -> np.ndarray:
@@ -116,4 +117,5 @@ def rollout(attention: np.ndarray, fusion: str = "mean") -> np.ndarray:
     for layer in range(fused.shape[0]):
         current = fused[layer] @ current
         out[layer] = current
-    return out.astype(np.float32)
+    rollout: np.ndarray = out.astype(np.float32)
+    return rollout
