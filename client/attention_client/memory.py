@@ -47,3 +47,18 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: int = 
     if not ok:
         log.warning("mallopt refused the allocator settings")
     return ok
+
+
+def trim_heap() -> bool:
+    """Give the heap's free memory back to the kernel now (glibc's malloc_trim):
+    with raised thresholds the heap otherwise keeps up to trim_threshold of freed
+    buffers. False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True

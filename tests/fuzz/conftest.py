@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 from tests.fuzz.harness import PROFILE, FuzzServer
+from tests.helpers import MODEL_DIR
 
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                  HealthCheck.large_base_example]
@@ -33,6 +34,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.fuzz)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stop before the first test, with the fix, when fuzz tests are selected and the model is missing."""
+    here = Path(__file__).parent
+    if any(here in Path(item.path).parents for item in session.items) and not (MODEL_DIR / "model.json").is_file():
+        raise pytest.UsageError(f"{MODEL_DIR} is missing: run `make model` (or `make test`, which does it)")
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,27 @@
-"""Dynamic batching: concurrent calls share runtime batches and still get their
-own numbers; the queue is bounded; expired and cancelled work never runs."""
+"""Dynamic batching with the real model: concurrent calls share runtime batches
+and still get their own numbers; the queue is bounded; expired and cancelled work
+never runs. Each test pins what its scenario depends on (compute slots, batch
+limits, or max_queue_delay to hold work in the queue) and waits for conditions,
+so it holds for any ATTENTION_INSTANCES. The batching policy itself is tested
+against a fake runtime in tests/unit/test_batching_policy.py."""
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 from attention_client import AsyncAttentionClient, AttentionError
-from attention_server.errors import DeadlineExceeded, ResourceExhausted
+from attention_server.errors import DeadlineExceeded
 from attention_server.grpc_api.server import build_engine
+from attention_server.runtime.batcher import Batcher
 from attention_server.runtime.types import AnalyzeOptions, SequenceInput
 from attention_server.settings import Settings
 from tests.helpers import REPOSITORY, ServerThread
@@ -37,9 +48,19 @@ REQUESTS = [
 
 @pytest.fixture
 async def engine():
-    engine = build_engine(Settings(model_repository=REPOSITORY))
+    """An engine with one compute slot: a batch waits while another computes, on any machine."""
+    engine = build_engine(Settings(model_repository=REPOSITORY, instances=1, max_batch_tokens=256))
     yield engine
     await engine.close()
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 60.0) -> None:
+    """Let the event loop run until `predicate()` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
 
 
 def _same(alone, batched, dtype_tol):
@@ -55,14 +76,22 @@ def _same(alone, batched, dtype_tol):
         np.testing.assert_allclose([p.strength for p in pa.pairs], [p.strength for p in pb_.pairs], atol=1e-5)
 
 
-async def test_concurrent_calls_get_the_numbers_they_get_alone(server):
-    async with AsyncAttentionClient(server.target, timeout=120) as client:
-        alone = [await client.analyze(seqs, **opts) for seqs, opts in REQUESTS]
-        stats = server.server.engine.batcher(server.server.engine.repository.get("")).stats
-        before_batches, before_sequences = stats.batches, stats.sequences
-        rounds = 4
-        calls = [client.analyze(seqs, **opts) for _ in range(rounds) for seqs, opts in REQUESTS]
-        batched = await asyncio.gather(*calls)
+def _batcher(srv: ServerThread) -> Batcher:
+    return srv.server.engine.batcher(srv.server.engine.repository.get(""))
+
+
+async def test_concurrent_calls_get_the_numbers_they_get_alone():
+    # A lone sequence on an idle server waits up to 250 ms for company: the concurrent calls
+    # meet in the queue however fast the machine. The instances are left as configured
+    # (ATTENTION_INSTANCES): the numbers must not depend on them.
+    with ServerThread(max_queue_delay_ms=250) as srv:
+        async with AsyncAttentionClient(srv.target, timeout=120) as client:
+            alone = [await client.analyze_batch(seqs, **opts) for seqs, opts in REQUESTS]
+            stats = _batcher(srv).stats
+            before_batches, before_sequences = stats.batches, stats.sequences
+            rounds = 4
+            calls = [client.analyze_batch(seqs, **opts) for _ in range(rounds) for seqs, opts in REQUESTS]
+            batched = await asyncio.gather(*calls)
     n_sequences = rounds * sum(len(seqs) for seqs, _ in REQUESTS)
     assert stats.sequences - before_sequences == n_sequences
     # calls really shared runtime batches
@@ -72,40 +101,6 @@ async def test_concurrent_calls_get_the_numbers_they_get_alone(server):
         for a, b in zip(expected, results, strict=True):
             # float32 accumulation order can change with the batch's padded length: 1e-5, not bitwise
             _same(a, b, dtype_tol=1e-5 if a.attention is None or a.attention.dtype == np.float32 else 1e-3)
-
-
-async def test_runtime_batches_group_by_length_within_the_limits(engine):
-    lengths_words = [3, 200, 5, 4, 190, 6]
-    plans = [engine.plan("", [SequenceInput(text=_text(n, n))], AnalyzeOptions()) for n in lengths_words]
-    batcher = engine.batcher(plans[0].model)
-    jobs = [batcher.submit(p, [0], None)[0] for p in plans]  # nothing runs until we await
-    first = batcher._take()
-    second = batcher._take()
-    assert {j.length for j in first} == {j.length for j in jobs if j.length < 20}
-    assert {j.length for j in second} == {j.length for j in jobs if j.length > 100}
-    assert batcher.queued_tokens == 0
-    for job in jobs:
-        job.future.cancel()
-
-
-async def test_full_queue_refuses_at_once_and_keeps_what_it_holds(engine):
-    small = build_engine(Settings(model_repository=REPOSITORY, max_queue_tokens=600))
-    try:
-        plan = small.plan("", [SequenceInput(text=_text(250, 1))], AnalyzeOptions(top_k=1))
-        batcher = small.batcher(plan.model)
-        held = batcher.submit(plan, [0], None) + batcher.submit(plan, [0], None)  # 2 x 252 tokens
-        started = time.perf_counter()
-        with pytest.raises(ResourceExhausted, match="queue full: 504 tokens waiting \\+ 252 requested exceed "
-                                                    "max_queue_tokens=600"):
-            batcher.submit(plan, [0], None)
-        assert time.perf_counter() - started < 0.1
-        results = await asyncio.gather(*(j.future for j in held))
-        assert [len(r.tokens) for r in results] == [252, 252]
-        with pytest.raises(ResourceExhausted, match="more than the whole queue holds"):
-            batcher.submit(small.plan("", [SequenceInput(text=_text(250, 1))] * 3, AnalyzeOptions()), [0, 1, 2], None)
-        assert batcher.stats.rejected == 2
-    finally:
-        await small.close()
 
 
 async def test_expired_sequences_never_reach_the_runtime(engine):
@@ -121,56 +116,91 @@ async def test_expired_sequences_never_reach_the_runtime(engine):
 
 
 async def test_cancelled_calls_leave_the_queue(engine):
-    heavy = engine.plan("", [SequenceInput(text=_text(400, 2))] * 3, AnalyzeOptions())
+    # One compute slot, one 202-token sequence per batch (max_batch_tokens=256): the light call's
+    # sequence waits behind the heavy call's until their last batch has started.
+    heavy = engine.plan("", [SequenceInput(text=_text(200, 2))] * 6, AnalyzeOptions())
     light = engine.plan("", [SequenceInput(text="never mind")], AnalyzeOptions())
     batcher = engine.batcher(heavy.model)
+    stats = batcher.stats
     busy = asyncio.ensure_future(engine.analyze(heavy))
-    await asyncio.sleep(0)
+    await eventually(lambda: stats.batches >= 1)  # the heavy call is computing
     gone = asyncio.ensure_future(engine.analyze(light))
-    await asyncio.sleep(0.01)
-    assert batcher.queue_depth >= 1
+    await eventually(lambda: stats.sequences + batcher.queue_depth == 7)  # the light sequence is queued
+    assert stats.batches < 6, "heavy sequences are still queued ahead of the light one"
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gone
-    assert len(await busy) == 3
-    await asyncio.sleep(0.05)
-    assert batcher.stats.cancelled == 1
-    assert batcher.stats.sequences == 3  # only the heavy call ran
+    assert stats.cancelled == 1
+    assert len(await busy) == 6
+    assert stats.sequences == 6 and batcher.queue_depth == 0  # only the heavy call ran
 
 
-def test_grpc_deadline_and_cancel_never_compute():
-    with ServerThread(max_batch_tokens=512) as srv:
-        stats = srv.server.engine.batcher(srv.server.engine.repository.get("")).stats
-
-        async def scenario():
-            async with AsyncAttentionClient(srv.target, timeout=120) as client:
-                heavy = asyncio.ensure_future(client.analyze([_text(400, 3)] * 4, top_k=1, attention=False))
-                await asyncio.sleep(0.05)  # the heavy call is computing, four batches of one
-                with pytest.raises(AttentionError) as err:
-                    await client.analyze("late", timeout=0.05)
-                assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-                cancelled = asyncio.ensure_future(client.analyze("cancel me"))
-                await asyncio.sleep(0.05)
-                cancelled.cancel()
-                assert len(await heavy) == 4
-                await asyncio.sleep(0.1)
-
-        asyncio.run(scenario())
-        assert stats.sequences == 4, "only the heavy call's sequences may reach the runtime"
-        assert stats.expired + stats.cancelled == 2
+CLIENT = """
+import sys
+from attention_client import AttentionClient, AttentionError
+with AttentionClient(sys.argv[1]) as client:
+    try:
+        client.analyze("late", timeout=float(sys.argv[2]))
+        print("OK")
+    except AttentionError as exc:
+        print(exc.code.name)
+"""
 
 
-def test_flood_gets_resource_exhausted_and_the_rest_is_served():
-    with ServerThread(max_queue_tokens=1200, max_batch_tokens=512) as srv:
-        async def flood():
-            async with AsyncAttentionClient(srv.target, timeout=120) as client:
-                calls = [client.analyze(_text(300, i), top_k=1, attention=False, hidden_states=False)
-                         for i in range(16)]
-                return await asyncio.gather(*calls, return_exceptions=True)
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
-        outcomes = asyncio.run(flood())
-        refused = [o for o in outcomes if isinstance(o, AttentionError)]
-        served = [o for o in outcomes if not isinstance(o, BaseException)]
-        assert refused and served and len(refused) + len(served) == 16
-        assert all(o.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in o.details for o in refused)
-        assert all(len(r.pairs) == 72 for r in served)
+
+async def test_grpc_deadline_is_enforced_by_the_server_and_cancel_drops_queued_work():
+    # A lone sequence on an idle server waits up to a minute for company (max_queue_delay), unless a
+    # batch fills up (64 tokens): the calls below stay queued, whatever the machine and its cores.
+    with ServerThread(max_queue_delay_ms=60_000, max_batch_tokens=64) as srv:
+        batcher = _batcher(srv)
+        stats = batcher.stats
+        # The deadline: the caller is frozen (SIGSTOP) while its call is queued, so only the
+        # server can act when the 3 s pass; it drops the sequence without computing it.
+        caller = subprocess.Popen([sys.executable, "-c", CLIENT, srv.target, "3"], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            await eventually(lambda: batcher.queue_depth == 1)
+            os.kill(caller.pid, signal.SIGSTOP)
+            await eventually(lambda: batcher.queue_depth == 0, timeout=30)
+            assert _state(caller.pid) == "T", "the caller was stopped all along"
+            assert stats.expired + stats.cancelled == 1 and stats.sequences == 0
+        finally:
+            os.kill(caller.pid, signal.SIGCONT)
+            out, _ = caller.communicate(timeout=60)
+        assert out.strip() == "DEADLINE_EXCEEDED"
+        # Cancel: a call the caller gives up while it is queued leaves the queue, never computed.
+        async with AsyncAttentionClient(srv.target, timeout=120) as client:
+            call = asyncio.ensure_future(client.analyze("cancel me"))
+            await eventually(lambda: batcher.queue_depth == 1)
+            call.cancel()
+            await eventually(lambda: batcher.queue_depth == 0 and stats.expired + stats.cancelled == 2)
+            assert stats.sequences == 0
+            # A call that fills a batch runs at once: the server computes, it only dropped those two.
+            full = await client.analyze(_text(70, 5), top_k=1, attention=False)
+        assert len(full.tokens) > 64 and stats.sequences == 1 and stats.batches == 1
+
+
+async def test_a_full_queue_refuses_calls_with_resource_exhausted_and_serves_the_rest():
+    # Held for company until 4 sequences are queued (max_batch_size), in a queue of 1200 tokens;
+    # the 4 then fit one runtime batch, so none is left to wait for company again.
+    with ServerThread(max_queue_tokens=1200, max_batch_size=4, max_batch_attention_mib=128,
+                      max_queue_delay_ms=60_000) as srv:
+        batcher = _batcher(srv)
+        async with AsyncAttentionClient(srv.target, timeout=120) as client:
+            def call(words, seed):
+                return asyncio.ensure_future(client.analyze(_text(words, seed), top_k=1, attention=False,
+                                                            hidden_states=False))
+
+            held = [call(300, i) for i in range(3)]  # 3 x 302 tokens wait for a fourth sequence
+            await eventually(lambda: batcher.queue_depth == 3)
+            flood = await asyncio.gather(*(call(300, i) for i in range(3, 16)), return_exceptions=True)
+            assert all(isinstance(o, AttentionError) and o.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                       and "queue full: 906 tokens waiting + 302 requested" in o.details for o in flood), flood
+            assert batcher.stats.rejected == 13 and batcher.queue_depth == 3
+            served = await asyncio.gather(*held, call(288, 99))  # 290 tokens still fit: the batch is full, it runs
+    assert [len(r.pairs) for r in served] == [72] * 4
+    assert batcher.stats.batches <= 4 and batcher.stats.sequences == 4

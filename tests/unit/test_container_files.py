@@ -1,6 +1,6 @@
-"""The container files, checked without a Docker engine: the linters, and the
-hardening policies (docs/security.md) read straight from the files, so removing
-one fails a test here."""
+"""The container files, checked without a Docker engine: the hardening policies
+(docs/security.md) read straight from the files, so removing one fails a test
+here. The linters (hadolint, the compose spec) run in `make lint`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]  # not tests.helpers: these tests need no server code
-BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 SECURE = ROOT / "docker-compose.secure.yml"
 MAKE_SECRETS = ROOT / "deploy" / "compose" / "make-secrets.sh"
@@ -30,12 +28,6 @@ LOOPBACK = ("127.0.0.1", "::1", "[::1]")
 # The server settings that name files holding key material or token hashes.
 SECRET_FILE_SETTINGS = ("ATTENTION_TLS_CERT_FILE", "ATTENTION_TLS_KEY_FILE", "ATTENTION_TLS_CLIENT_CA_FILE",
                         "ATTENTION_AUTH_TOKENS_FILE")
-
-
-def _tool(name: str) -> str:
-    path = BIN / name
-    assert path.exists() or shutil.which(name), f"{name} is missing: it is in requirements/dev.txt"
-    return str(path if path.exists() else shutil.which(name))
 
 
 # -- reading the files -------------------------------------------------------------
@@ -99,20 +91,6 @@ def uid_gid(user: str) -> tuple[int, int]:
     uid, _, gid = user.partition(":")
     assert uid.isdigit() and gid.isdigit(), f"user {user!r}: numeric uid:gid, so Kubernetes' runAsNonRoot can check it"
     return int(uid), int(gid)
-
-
-# -- the linters -----------------------------------------------------------------------
-
-def test_dockerfile_passes_hadolint():
-    done = subprocess.run([_tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize("path", [COMPOSE, SECURE], ids=lambda p: p.name)
-def test_compose_files_match_the_compose_spec(path: Path):
-    done = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- the image -------------------------------------------------------------------------

@@ -6,11 +6,6 @@ from tests.helpers import ROOT
 GEN = ROOT / "tools" / "gen_proto.py"
 
 
-def test_committed_stubs_match_proto():
-    done = subprocess.run([sys.executable, str(GEN), "--check"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
 def test_check_fails_when_proto_changes(tmp_path):
     proto = tmp_path / "proto"
     (proto / "attention" / "v1").mkdir(parents=True)

@@ -76,6 +76,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._active = 0
+        self.completed = 0  # calls ended (health checks excepted), ever
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -84,7 +85,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         """Calls in flight, health checks excepted."""
         return self._active
 
-    async def wait_idle(self, timeout: float) -> bool:
+    async def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no call (but health checks) is in flight; False on timeout."""
         if self._active == 0:
             return True
@@ -119,6 +120,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         def end(context: grpc.aio.ServicerContext, started: float, token: Any, failed: BaseException | None) -> None:
             code = context.code()
+            if isinstance(failed, asyncio.CancelledError):  # a caller hanging up is normal: one line
+                log.info("%s: the caller went away before the reply was sent", method)
             if code is None:
                 cancelled = isinstance(failed, asyncio.CancelledError)
                 code = grpc.StatusCode.OK if failed is None else (
@@ -129,6 +132,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             metrics.inflight.labels(service).dec()
             if tracked:
                 self._active -= 1
+                self.completed += 1
                 if self._active == 0:
                     self._idle.set()
             with contextlib.suppress(ValueError):  # a call cancelled at stop ends in another context

@@ -24,6 +24,7 @@ from ..runtime.repository import ModelRepository
 from ..runtime.stats import BatchObserver
 from ..settings import MiB, Settings
 from .auth import AuthInterceptor, TokenStore
+from .heap import trim_when_idle
 from .interceptor import ObservabilityInterceptor
 from .kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve import InferenceServicer
@@ -73,6 +74,7 @@ class AttentionServer:
         self._health_lock = asyncio.Lock()
         self._health_updates: set[asyncio.Task[None]] = set()
         self._unsubscribe: Callable[[], None] | None = None
+        self._trim: asyncio.Task[None] | None = None
 
     def bind(self) -> int:
         """Bind the gRPC port (0 picks a free one) and return it; raises OSError naming the address."""
@@ -115,6 +117,8 @@ class AttentionServer:
     async def start(self) -> None:
         await self.grpc.start()
         loop = asyncio.get_running_loop()
+        if self.settings.tune_malloc:  # the tuned heap keeps freed buffers: trim it when quiet
+            self._trim = loop.create_task(trim_when_idle(self.interceptor), name="trim-heap")
         self._unsubscribe = self.engine.repository.subscribe(
             lambda name, loaded: self._repository_changed(loop, name))
         await self._update_health()
@@ -182,7 +186,7 @@ class AttentionServer:
                             grace, self.interceptor.active_calls)
         await self.grpc.stop(min(max(deadline - loop.time(), 0.0), CLOSING_GRACE))
         await self.engine.close()
-        for task in list(self._health_updates):
+        for task in [*self._health_updates, *([self._trim] if self._trim else [])]:
             task.cancel()
         self.close_metrics()
 

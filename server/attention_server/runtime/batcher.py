@@ -10,11 +10,16 @@ computes while the previous one is being cut and encoded.
 Backpressure: the queue is bounded by tokens; a submission that does not fit is
 refused at once (ResourceExhausted). A sequence whose deadline passes while it
 waits, or whose call is cancelled, leaves the queue and never reaches the runtime.
+
+Lifecycle: `stop_accepting` refuses new calls (the queue is no longer held for
+company that cannot come); `close` fails what is queued, lets the batches already
+running deliver, and waits for the threads off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -31,8 +36,7 @@ from .results import cut, outputs_for
 from .stats import BatcherStats, BatchObserver
 
 if TYPE_CHECKING:
-    from .engine import Plan
-    from .repository import LoadedModel
+    from .types import LoadedModel, Plan
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ class Batcher:
         self._post = ThreadPoolExecutor(max_workers=self._instances, thread_name_prefix=f"post-{model.name}")
         self._narrow_running = 0
         self._wide_running = False
+        self._runs: set[asyncio.Future[dict[str, np.ndarray]]] = set()  # batches computing now
         self._wakeup = asyncio.Event()
         self._accepting = True  # new calls
         self._closed = False  # any work
@@ -112,7 +117,7 @@ class Batcher:
         tokens = sum(len(plan.tokens[i]) for i in indices)
         limit = self.config.max_queue_tokens
         if self._queued_tokens + tokens > limit:
-            self.stats.rejected += 1
+            self.stats.refused()
             raise ResourceExhausted(
                 f"queue full: {self._queued_tokens} tokens waiting + {tokens} requested exceed max_queue_tokens="
                 f"{limit}; retry with backoff" if tokens <= limit else
@@ -140,10 +145,11 @@ class Batcher:
         for job in self._queue:
             if id(job) in ids:
                 self._queued_tokens -= job.length
-                self.stats.cancelled += 1
             else:
                 kept.append(job)
+        self.stats.left_queue(cancelled=len(self._queue) - len(kept))
         self._queue = kept
+        self._wakeup.set()
 
     def enter(self) -> None:
         """A call starts: it may submit sequences until it leaves, even while the
@@ -156,20 +162,24 @@ class Batcher:
         self._calls -= 1
 
     def stop_accepting(self) -> None:
-        """Refuse new calls; the calls under way still submit and finish."""
+        """Refuse new calls; the calls under way still submit and finish, and what
+        is queued no longer waits for company (max_queue_delay)."""
         self._accepting = False
+        self._wakeup.set()
 
     async def drain_and_close(self, poll: float = 0.05) -> None:
         """Refuse new calls, let the calls under way and their batches finish, then
         close (a model being unloaded or replaced)."""
-        self._accepting = False
+        self.stop_accepting()
         while self._calls or self._queue or self._narrow_running or self._wide_running:
             await asyncio.sleep(poll)
         await self.close()
 
     async def close(self) -> None:
-        """Fail what is still queued and stop the threads."""
-        self._accepting = False
+        """Fail what is still queued, let the batches already computing deliver
+        their results, then stop the threads. The event loop keeps running
+        meanwhile: the threads are joined from a helper thread."""
+        self.stop_accepting()
         self._closed = True
         for job in self._queue:
             if not job.future.done():
@@ -178,12 +188,17 @@ class Batcher:
         self._queued_tokens = 0
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
-        self._compute.shutdown(wait=True, cancel_futures=True)
-        self._post.shutdown(wait=True, cancel_futures=True)
+        # No batch starts any more. Each running one hands its results to the
+        # post-processing pool when it ends (`_ran`), so that pool closes after them.
+        if self._runs:
+            await asyncio.wait(set(self._runs))
+        await asyncio.to_thread(self._join_threads)
+
+    def _join_threads(self) -> None:
+        self._compute.shutdown(wait=True)
+        self._post.shutdown(wait=True)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -216,10 +231,8 @@ class Batcher:
             self._wakeup.clear()
             await self._wakeup.wait()
         idle = self._narrow_running == 0
-        if idle and self.config.max_queue_delay > 0 and not self._full():
-            wait = self._queue[0].enqueued + self.config.max_queue_delay - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+        if idle and self.config.max_queue_delay > 0:
+            await self._wait_for_company()
         self._expire()
         if not self._queue:
             return
@@ -237,11 +250,25 @@ class Batcher:
             self._narrow_running += 1
         small = sum(j.length * j.length for j in batch) * self._attention_bytes_per_cell <= INLINE_POST_BYTES
         run = loop.run_in_executor(self._compute, self._run_model, batch, small, wide, loop)
+        self._runs.add(run)
         run.add_done_callback(functools.partial(self._ran, batch, small, wide, loop))
+
+    async def _wait_for_company(self) -> None:
+        """On an idle runtime, let the oldest sequence wait up to max_queue_delay for
+        others to share its batch; stop waiting once the batch is full, the queue
+        is empty, or the batcher stops accepting calls (no company will come)."""
+        while self._queue and self._accepting and not self._full():
+            wait = self._queue[0].enqueued + self.config.max_queue_delay - time.monotonic()
+            if wait <= 0:
+                return
+            self._wakeup.clear()  # set by submit, discard, stop_accepting and a run's end
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
 
     def _ran(self, batch: list[Job], small: bool, wide: bool, loop: asyncio.AbstractEventLoop,
              run: asyncio.Future[dict[str, np.ndarray]]) -> None:
         """A run ended (event loop thread): free its slot, hand the batch on."""
+        self._runs.discard(run)
         if wide:
             self._wide_running = False
         else:
@@ -267,12 +294,12 @@ class Batcher:
         for job in self._queue:
             if job.deadline is not None and now >= job.deadline:
                 self._queued_tokens -= job.length
-                self.stats.expired += 1
                 if not job.future.done():
                     job.future.set_exception(DeadlineExceeded(
                         f"deadline passed after {1000 * (now - job.enqueued):.0f} ms in the queue; not computed"))
             else:
                 kept.append(job)
+        self.stats.left_queue(expired=len(self._queue) - len(kept))
         self._queue = kept
 
     def _fits(self, count: int, longest: int, real: int, max_count: int | None = None) -> bool:
@@ -329,14 +356,7 @@ class Batcher:
         tokens = [job.plan.tokens[job.index] for job in batch]
         feed = pad_batch(tokens, self.model.metadata.pad_token_id)
         padded = time.perf_counter_ns()
-        self.stats.batches += 1
-        self.stats.wide_batches += wide
-        self.stats.sequences += len(batch)
-        self.stats.tokens += sum(len(t) for t in tokens)
-        self.stats.padded_tokens += int(feed["input_ids"].size)
-        self.stats.batch_sizes.append(len(batch))
-        if len(self.stats.batch_sizes) > 10000:
-            del self.stats.batch_sizes[:5000]
+        self.stats.started(len(batch), sum(len(t) for t in tokens), int(feed["input_ids"].size), wide)
         values = self.model.runtime.run(feed, sorted(outputs), wide=wide) if outputs else {}
         ran = time.perf_counter_ns()
         per_size = self.stats.batch(len(batch))

@@ -6,6 +6,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+# The most recent runtime batch sizes kept in BatcherStats.batch_sizes.
+BATCH_SIZES_KEPT = 10000
+
 
 @dataclass
 class Duration:
@@ -30,7 +33,9 @@ class BatchDurations:
 
 @dataclass
 class BatcherStats:
-    """Counters since the model was loaded."""
+    """Counters since the model was loaded. The compute threads and the event loop
+    update them side by side: every update goes through a method that holds the
+    lock; readers read the attributes."""
 
     batches: int = 0
     wide_batches: int = 0
@@ -50,15 +55,41 @@ class BatcherStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     by_batch_size: dict[int, BatchDurations] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def batch(self, size: int) -> BatchDurations:
-        entry = self.by_batch_size.get(size)
-        if entry is None:
-            entry = self.by_batch_size.setdefault(size, BatchDurations())
-        return entry
+        with self._lock:
+            entry = self.by_batch_size.get(size)
+            if entry is None:
+                entry = self.by_batch_size[size] = BatchDurations()
+            return entry
+
+    def started(self, sequences: int, tokens: int, padded_tokens: int, wide: bool) -> None:
+        """A runtime batch starts (compute thread)."""
+        with self._lock:
+            self.batches += 1
+            self.wide_batches += wide
+            self.sequences += sequences
+            self.tokens += tokens
+            self.padded_tokens += padded_tokens
+            self.batch_sizes.append(sequences)
+            if len(self.batch_sizes) > BATCH_SIZES_KEPT:
+                del self.batch_sizes[:BATCH_SIZES_KEPT // 2]
 
     def ran(self) -> None:
-        self.last_inference_ms = int(time.time() * 1000)
+        with self._lock:
+            self.last_inference_ms = int(time.time() * 1000)
+
+    def left_queue(self, expired: int = 0, cancelled: int = 0) -> None:
+        """Sequences left the queue without computing: their deadline passed, or their call ended."""
+        with self._lock:
+            self.expired += expired
+            self.cancelled += cancelled
+
+    def refused(self) -> None:
+        """A submission did not fit in the queue."""
+        with self._lock:
+            self.rejected += 1
 
 
 class BatchObserver:

@@ -1,15 +1,24 @@
+"""Integration tests run real servers on the exported model: they need
+`models/repository/minilm-l6` (`make model`; `make test` exports it first).
+Unit tests need no model and do not load this file."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from attention_client import AttentionClient
 from tests.helpers import MODEL_DIR, ServerThread
 
+HERE = Path(__file__).parent
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if not (MODEL_DIR / "model.json").is_file():
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stop before the first test, with the fix, when integration tests are selected and the model is missing."""
+    selected = any(HERE in Path(item.path).parents for item in session.items)
+    if selected and not (MODEL_DIR / "model.json").is_file():
         raise pytest.UsageError(f"{MODEL_DIR} is missing: run `make model` (or `make test`, which does it)")
 
 
