@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from attention_client._channel import channel_security, read_pem
+from attention_client.security import channel_security, read_pem
 
 _TRUE = {"1", "true", "yes", "on"}
 
