@@ -46,7 +46,7 @@ ENV ATTENTION_MODEL_REPOSITORY=/models \
     ATTENTION_PORT=50051 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
-EXPOSE 50051 8002
+EXPOSE 50051 8000 8002
 # Health needs no token. With TLS on, the check takes the server's own
 # ATTENTION_TLS_* files from the environment (or ATTENTION_HEALTHCHECK_CA_FILE,
 # _CERT_FILE, _KEY_FILE, _SERVER_NAME when set): see `attention-healthcheck --help`.

@@ -52,7 +52,7 @@ LEAN := torch transformers onnx selenium tritonclient hypothesis matplotlib pyte
 serve-check: serve-ready ## the serving venv is lean and serves
 	$(BIN)/python -c "import importlib.util as u, sys; bad = [m for m in sys.argv[1:] if u.find_spec(m)]; \
 	  sys.exit(f'in $(VENV), not wanted: {bad}' if bad else 0)" $(LEAN)
-	@log=$$(mktemp); $(BIN)/attention-server --host 127.0.0.1 --port 0 --metrics-port -1 >$$log 2>&1 & pid=$$!; \
+	@log=$$(mktemp); $(BIN)/attention-server --host 127.0.0.1 --port 0 --metrics-port -1 --http-port 0 >$$log 2>&1 & pid=$$!; \
 	  for _ in $$(seq 300); do grep -q listening $$log && break; sleep 0.1; done; \
 	  target=127.0.0.1:$$(sed -n 's/.*listening on .*:\([0-9]*\)$$/\1/p' $$log); \
 	  $(BIN)/attention-healthcheck --target $$target && \

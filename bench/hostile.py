@@ -62,7 +62,7 @@ class Server:
             env["PYTHONPATH"] = f"{server_src}{os.pathsep}{env.get('PYTHONPATH', '')}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "attention_server", "--host", "127.0.0.1", "--port", "0",
-             "--model-repository", str(REPOSITORY), "--metrics-port", "-1", *args],
+             "--model-repository", str(REPOSITORY), "--metrics-port", "-1", "--http-port", "-1", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         line = self.proc.stdout.readline()

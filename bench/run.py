@@ -32,7 +32,8 @@ class Server:
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "attention_server", "--host", "127.0.0.1", "--port", "0", "--log-level",
-             "WARNING", "--metrics-port", "-1", *self.args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+             "WARNING", "--metrics-port", "-1", "--http-port", "-1", *self.args],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         match = re.search(r":(\d+)$", line.strip())
         if not match:

@@ -401,7 +401,7 @@ class Server:
 
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.args = ["--host", "127.0.0.1", "--port", "0", "--model-repository", str(REPOSITORY),
-                     "--metrics-host", "127.0.0.1", "--metrics-port", "0", *args]
+                     "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--http-port", "-1", *args]
         self.log_path = log_path
 
     def __enter__(self) -> Server:

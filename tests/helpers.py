@@ -26,7 +26,7 @@ class ServerThread:
     """A real grpc.aio server running on a background thread's event loop."""
 
     def __init__(self, **settings: object) -> None:
-        settings = {"metrics_port": 0, "model_repository": REPOSITORY, **settings}
+        settings = {"metrics_port": 0, "http_port": 0, "model_repository": REPOSITORY, **settings}
         self.settings = Settings(host="127.0.0.1", port=0, **settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
@@ -47,6 +47,13 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP port's base URL (no trailing slash)."""
+        assert self.server is not None and self.server.http_port is not None, "the HTTP port is off"
+        scheme = "https" if self.server.http_tls else "http"
+        return f"{scheme}://127.0.0.1:{self.server.http_port}"
+
     def __exit__(self, *exc: object) -> None:
         if self.server is not None:
             asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(60)
@@ -59,7 +66,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.args = ["--host", "127.0.0.1", "--port", "0", "--model-repository", str(REPOSITORY),
-                     "--metrics-port", "0", "--metrics-host", "127.0.0.1", *args]
+                     "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--http-port", "0", *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
@@ -76,6 +83,12 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
         self.port = int(match.group(1))
+        self.http_port: int | None = None
+        # The last --http-port given wins; unless it is -1 the server prints a second line with the port.
+        http_on = self.args[len(self.args) - 1 - self.args[::-1].index("--http-port") + 1] != "-1"
+        if http_on:
+            http = re.search(r"HTTP on \S+://.*:(\d+)$", self.proc.stdout.readline().strip())
+            self.http_port = int(http.group(1)) if http else None
         # Drain stderr all along: a full pipe would block the server's logging.
         self._stderr: list[str] = []
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)

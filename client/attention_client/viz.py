@@ -57,6 +57,13 @@ def render_page(data: dict[str, Any] | None, mode: str) -> str:
     return _template().replace("__DATA__", payload).replace("__MODE__", mode)
 
 
+def explorer_html() -> str:
+    """The explorer page: type a sentence, see its heads. It calls attention.v1 as
+    HTTP/JSON at relative URLs (`v1/models/{name}`, `v1/analyze`), so it is served
+    beside them: by `attention-client explore` and by the server's HTTP port."""
+    return render_page(None, "explore")
+
+
 def head_view_html(result: AnalyzeResult, info: ModelInfo | None = None, path: str | Path | None = None) -> str:
     """A self-contained HTML page: pick a layer and head, hover a word to see its
     pairs as lines of varying strength, with the head's role and statistics."""

@@ -24,6 +24,11 @@ async def serve(settings: Settings) -> None:
     await server.start()
     # Tests and scripts read the bound port from this line (port 0 picks one).
     print(f"attention-server listening on {settings.host}:{port}", flush=True)
+    if server.http_port is not None:
+        scheme = "https" if server.http_tls else "http"
+        # A second line for tests and scripts: the HTTP port (/v2, /v1, /explore).
+        print(f"attention-server HTTP on {scheme}://{settings.http_host or settings.host}:{server.http_port}",
+              flush=True)
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", server.metrics_host, server.metrics_port)
     log.info("gRPC port %d: %s, %s, model control %s", port,
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(settings.log_level, settings.log_format)
     from .errors import ModelLoadError
-    from .grpc_api.auth import TokenFileError
+    from .tokens import TokenFileError
 
     try:
         asyncio.run(serve(settings))

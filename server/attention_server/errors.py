@@ -78,6 +78,11 @@ class ResourceExhausted(ServiceError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class TooLarge(ResourceExhausted):
+    """A size limit: the same call can never succeed (unlike a full queue, which a
+    retry after a while may get through). HTTP answers 413 for it, not 429."""
+
+
 class Unavailable(ServiceError):
     code = Code.UNAVAILABLE
 

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     """Check each model's sha256 against model.json when loading."""
     grace_period: float = Field(10.0, ge=0)
     """Seconds in-flight calls get to finish after SIGTERM."""
+    http_port: int = Field(8000, ge=-1, le=65535)
+    """HTTP/REST port: the Open Inference Protocol's REST API (/v2), attention.v1 as JSON (/v1) and the
+    explorer page (/explore), with the same limits, TLS and tokens as gRPC. 0 picks a free port, -1 turns it off."""
+    http_host: str | None = None
+    """Address of the HTTP port; the gRPC port's (--host) when not set."""
+    http_max_connections: int = Field(1000, ge=1)
+    """Most HTTP connections and requests at once; beyond it new ones get 503 at once."""
+    http_keepalive_timeout: float = Field(15.0, gt=0)
+    """Seconds an idle HTTP keep-alive connection stays open."""
     metrics_host: str = "0.0.0.0"
     """Address of the Prometheus endpoint (plain HTTP). With TLS on and this not set, 127.0.0.1."""
     metrics_port: int = Field(8002, ge=-1, le=65535)

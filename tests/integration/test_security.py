@@ -248,7 +248,7 @@ def test_a_malformed_tokens_file_stops_the_start_with_one_line(tmp_path):
     bad = tmp_path / "tokens"
     bad.write_text(f"reader:{_sha('x')}\n")
     done = subprocess.run([sys.executable, "-m", "attention_server", "--host", "127.0.0.1", "--port", "0",
-                           "--metrics-port", "-1", "--auth-tokens-file", str(bad)],
+                           "--metrics-port", "-1", "--http-port", "-1", "--auth-tokens-file", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -47,7 +47,7 @@ def repository_with(tmp_path: Path, replaced: dict[str, bytes | None]) -> Path:
 
 def start(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "attention_server", "--host", "127.0.0.1", "--metrics-host",
-                           "127.0.0.1", *args], capture_output=True, text=True, timeout=120)
+                           "127.0.0.1", "--http-port", "0", *args], capture_output=True, text=True, timeout=120)
 
 
 def assert_one_line_failure(done: subprocess.CompletedProcess[str], *expected: str) -> str:
@@ -64,6 +64,12 @@ def assert_one_line_failure(done: subprocess.CompletedProcess[str], *expected: s
 def test_busy_grpc_port_is_one_line_and_no_model_is_loaded(busy_port):
     done = start("--port", str(busy_port), "--metrics-port", "-1", "--model-repository", str(REPOSITORY))
     assert_one_line_failure(done, f"gRPC port 127.0.0.1:{busy_port}", "--port")
+
+
+def test_busy_http_port_is_one_line(busy_port):
+    done = start("--port", "0", "--metrics-port", "-1", "--http-port", str(busy_port), "--model-repository",
+                 str(REPOSITORY))
+    assert_one_line_failure(done, f"HTTP port 127.0.0.1:{busy_port} is already in use", "--http-port")
 
 
 def test_the_grpc_port_is_bound_before_any_model_is_loaded(busy_port, tmp_path):

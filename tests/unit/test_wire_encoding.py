@@ -4,9 +4,9 @@ import numpy as np
 
 from attention_client._proto.attention.v1 import attention_pb2 as pb
 from attention_client.tensors import from_tensor
-from attention_server.grpc_api import converters
 from attention_server.runtime.pairs import top_pairs
 from attention_server.runtime.types import SequenceOutput, Tokens
+from attention_server.services import converters
 
 
 def _output(index: int, n: int, dtype=np.float32, hidden=True) -> SequenceOutput:

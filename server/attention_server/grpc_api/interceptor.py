@@ -8,7 +8,9 @@ reflection included):
   errors keep their code, anything else is INTERNAL with an incident id;
 - gives the call a request id (a caller's `x-request-id` when it is of a safe
   charset and length, else a new one), echoed in the trailing metadata;
-- counts calls in flight (for the drain on SIGTERM), per-code counts, latency.
+- counts calls in flight (for the drain on SIGTERM), per-code counts, latency;
+- with tracing on, gives each call a SERVER span (the caller's W3C traceparent
+  is its parent), current while the handler runs (health checks excepted).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from google.protobuf.message import DecodeError
 from ..errors import InvalidArgument
 from ..logs import request_id
 from ..metrics import Metrics
+from ..tracing import CallSpan, Tracing, carrier
 from .errors import abort_for
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,12 @@ log = logging.getLogger(__name__)
 REQUEST_ID = "x-request-id"
 # What a caller's request id may look like; anything else is replaced (it ends up in logs).
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-# Calls the drain does not wait for (probes keep answering while the server drains).
+# Calls the drain does not wait for (probes keep answering while the server drains), and
+# that get no span (probes every few seconds would outnumber every other trace).
 UNTRACKED_SERVICES = ("grpc.health.v1.Health",)
+# Status codes that mark a call's span failed: the server's fault (OpenTelemetry's gRPC
+# conventions); the others are the caller's, and the call itself went right.
+SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 # Request messages larger than this are parsed in a worker thread, off the event loop.
 INLINE_PARSE_BYTES = 1 << 20
 
@@ -73,8 +80,9 @@ def _parser(deserialize: Callable[[bytes], Any] | None, method: str) -> Callable
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.metrics = metrics
+        self.tracing = tracing if tracing is not None and tracing.enabled else None  # None: off
         self._active = 0
         self.completed = 0  # calls ended (health checks excepted), ever
         self._idle = asyncio.Event()
@@ -107,8 +115,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         given = caller_request_id(details.invocation_metadata)
         parse = _parser(handler.request_deserializer, method)
         metrics = self.metrics
+        tracing = self.tracing if tracked else None
 
-        def begin(context: grpc.aio.ServicerContext) -> tuple[float, contextvars.Token[str]]:
+        def begin(context: grpc.aio.ServicerContext) -> tuple[float, contextvars.Token[str], CallSpan | None]:
             rid = given or uuid.uuid4().hex[:16]
             token = request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID, rid),))
@@ -116,9 +125,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             if tracked:
                 self._active += 1
                 self._idle.clear()
-            return time.perf_counter(), token
+            span = None
+            if tracing is not None:
+                span = tracing.start_call(f"{service}/{method}", carrier(details.invocation_metadata or ()), {
+                    "rpc.system.name": "grpc", "rpc.method": f"{service}/{method}", "attention.request_id": rid})
+            return time.perf_counter(), token, span
 
-        def end(context: grpc.aio.ServicerContext, started: float, token: Any, failed: BaseException | None) -> None:
+        def end(context: grpc.aio.ServicerContext, started: float, token: Any, span: CallSpan | None,
+                failed: BaseException | None) -> None:
             code = context.code()
             if isinstance(failed, asyncio.CancelledError):  # a caller hanging up is normal: one line
                 log.info("%s: the caller went away before the reply was sent", method)
@@ -130,6 +144,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             metrics.requests.labels(service, method, name).inc()
             metrics.latency.labels(service, method).observe(time.perf_counter() - started)
             metrics.inflight.labels(service).dec()
+            if span is not None:
+                span.end({"rpc.response.status_code": name}, name if name in SERVER_ERRORS else None,
+                         failed if name in ("INTERNAL", "UNKNOWN") else None)
             if tracked:
                 self._active -= 1
                 self.completed += 1
@@ -152,7 +169,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         def unary_out(inner: Callable[..., Awaitable[Any]], streaming_in: bool) -> Callable[..., Awaitable[Any]]:
             async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, token = begin(context)
+                started, token, span = begin(context)
                 failed: BaseException | None = None
                 try:
                     return await inner(await request_of(request, streaming_in), context)
@@ -164,13 +181,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     await abort_for(exc, context, method)
                     raise AssertionError("unreachable") from exc
                 finally:
-                    end(context, started, token, failed)
+                    end(context, started, token, span, failed)
 
             return call
 
         def stream_out(inner: Callable[..., Any], streaming_in: bool) -> Callable[..., Any]:
             async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started, token = begin(context)
+                started, token, span = begin(context)
                 failed: BaseException | None = None
                 try:
                     responses = inner(await request_of(request, streaming_in), context)
@@ -187,7 +204,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     failed = exc
                     await abort_for(exc, context, method)
                 finally:
-                    end(context, started, token, failed)
+                    end(context, started, token, span, failed)
 
             return call
 

@@ -1,6 +1,6 @@
-"""inference.GRPCInferenceService (Open Inference Protocol / KServe v2, with
-Triton's configuration, statistics and repository extensions) over the same
-engine, batcher and runtime as attention.v1."""
+"""inference.GRPCInferenceService: the Open Inference Protocol over gRPC, a thin
+adapter over services.inference (shared with the HTTP/REST port); only the
+bidirectional ModelStreamInfer is gRPC's own."""
 
 from __future__ import annotations
 
@@ -10,48 +10,21 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from .. import __version__
 from .._proto.inference import grpc_service_pb2 as kpb
 from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from ..errors import FailedPrecondition, InvalidArgument, ModelLoadError, ModelNotFound, ServiceError, quote
+from ..errors import ModelNotFound, ServiceError, quote
 from ..runtime.budget import Lease
-from ..runtime.engine import Engine
-from ..runtime.stats import Duration
-from ..runtime.types import LoadedModel, SequenceOutput
-from . import kserve_codec as codec
-from .response_size import ResponseSize
+from ..services.inference import InferenceService
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
-VERSION = "1"
-INLINE_ENCODE_BYTES = 1 << 20
-
-
-def _duration(d: Duration) -> kpb.StatisticDuration:
-    return kpb.StatisticDuration(count=d.count, ns=d.ns)
 
 
 class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int, max_stream_inflight: int = 8,
-                 model_control_mode: str = "none", response_size: ResponseSize | None = None) -> None:
-        self.engine = engine
-        self.response_size = response_size or ResponseSize(256 << 20)
-        self.model_control_mode = model_control_mode
+    def __init__(self, service: InferenceService, max_stream_inflight: int = 8) -> None:
+        self.service = service
         self.max_stream_inflight = max_stream_inflight
-        self.instances = instances
-        self.max_queue_delay_us = max_queue_delay_us
-        self.ready = True
-
-    def _model(self, name: str, version: str = "") -> LoadedModel:
-        if not name:
-            raise InvalidArgument("model_name", "is required")
-        model = self.engine.repository.get(name)
-        if version not in ("", VERSION):
-            raise ModelNotFound(f"{name} version {version}", [f"{n} version {VERSION}"
-                                                             for n in self.engine.repository.names()])
-        return model
 
     async def ServerLive(self, request: kpb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
@@ -59,62 +32,30 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: kpb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
-        return kpb.ServerReadyResponse(ready=self.ready and bool(self.engine.repository.names()))
+        return kpb.ServerReadyResponse(ready=self.service.server_ready())
 
     async def ModelReady(self, request: kpb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
         try:
-            self._model(request.name, request.version)
+            return kpb.ModelReadyResponse(ready=self.service.model_ready(request.name, request.version))
         except ModelNotFound:
             return kpb.ModelReadyResponse(ready=False)
-        return kpb.ModelReadyResponse(ready=self.ready)
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
-        return kpb.ServerMetadataResponse(name="attention-server", version=__version__, extensions=EXTENSIONS)
+        return self.service.server_metadata()
 
     async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
-        meta = self._model(request.name, request.version).metadata
-        inputs, outputs = codec.model_tensors(meta)
-        return kpb.ModelMetadataResponse(name=meta.name, versions=[VERSION], platform="onnxruntime_onnx",
-                                         inputs=codec.tensor_metadata(inputs), outputs=codec.tensor_metadata(outputs))
+        return self.service.model_metadata(request.name, request.version)
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest,
                           context: grpc.aio.ServicerContext) -> kpb.ModelConfigResponse:
-        meta = self._model(request.name, request.version).metadata
-        config = codec.model_config(meta, self.engine.limits.max_batch_size, self.instances, self.max_queue_delay_us)
-        return kpb.ModelConfigResponse(config=config)
-
-    async def _infer(self, request: kpb.ModelInferRequest,
-                     timeout: float | None) -> tuple[kpb.ModelInferResponse, Lease]:
-        """The response and its share of the pending-result budget (release it once sent)."""
-        model = self._model(request.model_name, request.model_version)
-        meta = model.metadata
-        sequences = codec.decode_request(request, meta, self.engine.limits.max_batch_size)
-        names, options = codec.requested_outputs(request, meta)
-        try:
-            plan = await self.engine.plan_async(model.name, sequences, options)
-        except InvalidArgument as exc:  # named as this protocol names its tensors and parameters
-            raise InvalidArgument(codec.field_name(exc.field), exc.problem) from None
-        size = codec.response_bytes(request, meta, names, [len(t) for t in plan.tokens], len(plan.layers),
-                                    len(plan.heads), options.top_k)
-        self.response_size.check(size)
-        lease = await self.engine.reserve(size, timeout)
-        try:
-            results: list[SequenceOutput] = await self.engine.analyze(plan, timeout)
-            if size <= INLINE_ENCODE_BYTES:
-                return codec.encode_response(request, meta, names, results, options.top_k), lease
-            # Padding and copying multi-MB outputs stays off the event loop.
-            response = await asyncio.to_thread(codec.encode_response, request, meta, names, results, options.top_k)
-            return response, lease
-        except BaseException:
-            lease.release()
-            raise
+        return self.service.model_config(request.name, request.version)
 
     async def ModelInfer(self, request: kpb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
-        response, lease = await self._infer(request, context.time_remaining())
+        response, lease = await self.service.infer(request, context.time_remaining())
         context.add_done_callback(lease.release_when_done)  # type: ignore[arg-type]  # stubs: a class
         return response
 
@@ -139,7 +80,7 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(request: kpb.ModelInferRequest) -> None:
             try:
-                response, lease = await self._infer(request, None)
+                response, lease = await self.service.infer(request, None)
                 await responses.put((kpb.ModelStreamInferResponse(infer_response=response), lease))
             except ServiceError as exc:
                 await responses.put(failed(request, exc.message))
@@ -191,58 +132,18 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> kpb.ModelStatisticsResponse:
-        models = [self._model(request.name, request.version)] if request.name else list(self.engine.repository)
-        out = kpb.ModelStatisticsResponse()
-        for model in models:
-            s = self.engine.stats(model)
-            entry = out.model_stats.add(name=model.name, version=VERSION, last_inference=s.last_inference_ms,
-                                        inference_count=s.sequences, execution_count=s.batches)
-            entry.inference_stats.CopyFrom(kpb.InferStatistics(
-                success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
-                compute_input=_duration(s.compute_input), compute_infer=_duration(s.compute_infer),
-                compute_output=_duration(s.compute_output)))
-            for size in sorted(s.by_batch_size):
-                b = s.by_batch_size[size]
-                entry.batch_stats.add(batch_size=size, compute_input=_duration(b.compute_input),
-                                      compute_infer=_duration(b.compute_infer),
-                                      compute_output=_duration(b.compute_output))
-        return out
+        return self.service.statistics(request.name, request.version)
 
     async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
-        entries = self.engine.repository.index()
-        return kpb.RepositoryIndexResponse(models=[
-            kpb.RepositoryIndexResponse.ModelIndex(name=e.name, version=VERSION if e.state == "READY" else "",
-                                                   state=e.state, reason=e.reason)
-            for e in entries if e.state == "READY" or not request.ready
-        ])
-
-    def _model_control(self, what: str) -> None:
-        if self.model_control_mode != "explicit":
-            raise FailedPrecondition(f"model control is off (--model-control-mode none): models load at start "
-                                     f"only and cannot be {what} over the API; start the server with "
-                                     "--model-control-mode explicit to allow it")
+        return self.service.repository_index(request.ready)
 
     async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
                                   context: grpc.aio.ServicerContext) -> kpb.RepositoryModelLoadResponse:
-        self._model_control("loaded")
-        if not request.model_name:
-            raise InvalidArgument("model_name", "is required")
-        try:
-            await self.engine.load_model(request.model_name)
-        except ModelLoadError as exc:
-            # Name the file inside the repository, never the server's own paths.
-            reason = str(exc).replace(f"{self.engine.repository.root}/", "").replace(
-                str(self.engine.repository.root), "the repository")
-            raise FailedPrecondition(f"model {quote(request.model_name)} cannot be loaded: {reason}") from None
-        log.info("loaded model %s on request", request.model_name)
+        await self.service.load(request.model_name)
         return kpb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
-        self._model_control("unloaded")
-        if not request.model_name:
-            raise InvalidArgument("model_name", "is required")
-        await self.engine.unload_model(request.model_name)
-        log.info("unloaded model %s on request", request.model_name)
+        await self.service.unload(request.model_name)
         return kpb.RepositoryModelUnloadResponse()

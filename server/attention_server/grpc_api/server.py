@@ -13,22 +13,29 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from ..http_api.app import Calls, build_app
+from ..http_api.server import HttpServer
+from ..http_api.tls import server_context
 from ..metrics import Metrics
-from ..runtime.batcher import BatchConfig
+from ..runtime.batcher import BatchConfig, TraceHooks
 from ..runtime.budget import ResultBudget
 from ..runtime.engine import Engine, Limits
 from ..runtime.repository import ModelRepository
 from ..runtime.stats import BatchObserver
+from ..services.attention import AttentionService
+from ..services.inference import InferenceService
+from ..services.response_size import ResponseSize
 from ..settings import MiB, Settings
-from .auth import AuthInterceptor, TokenStore
+from ..tokens import TokenStore
+from ..tracing import Tracing
+from .auth import AuthInterceptor
 from .heap import trim_when_idle
 from .interceptor import ObservabilityInterceptor
 from .kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve import InferenceServicer
-from .response_size import ResponseSize
+from .reflection import enable_reflection
 from .servicer import SERVICE_NAME, AttentionServicer
 from .tls import server_credentials
 from .transport import server_options
@@ -46,28 +53,31 @@ class AttentionServer:
     binds it and attaches the engine; `start()` serves, `stop()` drains."""
 
     engine: Engine
-    kserve: InferenceServicer
+    attention: AttentionService
+    inference: InferenceService
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing or Tracing()  # off unless given; flushed by stop()
         self.metrics_port: int | None = None
         self._metrics_httpd: Any = None
-        self.interceptor = ObservabilityInterceptor(metrics)
+        self.interceptor = ObservabilityInterceptor(metrics, self.tracing)
         # Tokens are checked inside the observability interceptor, which maps and counts their denials.
         self.tokens = TokenStore(settings.auth_tokens_file) if settings.auth_tokens_file else None
         self.tls = server_credentials(settings)
+        self.http_tls = server_context(settings)
+        self.http: HttpServer | None = None
+        self.http_calls: Calls | None = None
+        self._http_app: Any = None
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             interceptors=[self.interceptor, *([AuthInterceptor(self.tokens)] if self.tokens else [])],
             options=server_options(settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            self.grpc,
-        )
+        enable_reflection(self.grpc, [SERVICE_NAME, KSERVE_SERVICE_NAME,
+                                      health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         self._draining = False
         self._stopping: asyncio.Future[None] | None = None
         self._health_status: int | None = None
@@ -84,6 +94,13 @@ class AttentionServer:
             raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this machine); "
                           "stop what holds it or choose another --port (0 picks a free one) or --host")
         return port
+
+    def bind_http(self) -> int | None:
+        """Bind the HTTP port unless it is off (-1); returns its port. Raises OSError naming the port."""
+        if self.settings.http_port >= 0:
+            self.http = HttpServer(self.settings, self.http_tls)
+            return self.http.port
+        return None
 
     def serve_metrics(self) -> None:
         """Start the Prometheus endpoint unless it is off; raises OSError naming the port."""
@@ -107,15 +124,21 @@ class AttentionServer:
         self.engine = engine
         self.metrics.watch(engine)
         response_size = ResponseSize(self.settings.max_response_bytes)
-        self.grpc.add_generic_rpc_handlers((AttentionServicer(engine, response_size).handler(),))
-        self.kserve = InferenceServicer(engine, engine.repository.options.instances,
-                                        int(self.settings.max_queue_delay_ms * 1000),
-                                        self.settings.max_stream_inflight, self.settings.model_control_mode,
-                                        response_size)
-        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
+        self.attention = AttentionService(engine, response_size)
+        self.inference = InferenceService(engine, engine.repository.options.instances,
+                                          int(self.settings.max_queue_delay_ms * 1000),
+                                          self.settings.model_control_mode, response_size)
+        self.grpc.add_generic_rpc_handlers((AttentionServicer(self.attention).handler(),))
+        if self.http is not None:
+            self._http_app, self.http_calls = build_app(self.attention, self.inference, self.metrics, self.tokens,
+                                                        self.settings.max_request_bytes)
+        kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.inference, self.settings.max_stream_inflight), self.grpc)
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start(self._http_app)
         loop = asyncio.get_running_loop()
         if self.settings.tune_malloc:  # the tuned heap keeps freed buffers: trim it when quiet
             self._trim = loop.create_task(trim_when_idle(self.interceptor), name="trim-heap")
@@ -176,19 +199,34 @@ class AttentionServer:
         if self._unsubscribe is not None:
             self._unsubscribe()
         await self.health.enter_graceful_shutdown()
-        self.kserve.ready = False
+        self.inference.draining = True
         self.engine.stop_accepting()
-        in_flight = self.interceptor.active_calls
+        in_flight = self.active_calls
         if in_flight:
             log.info("draining: %d call(s) in flight, waiting up to %.1f s", in_flight, grace)
-            if not (grace > 0 and await self.interceptor.wait_idle(grace)):
+            idle = await asyncio.gather(self.interceptor.wait_idle(grace), *(
+                [self.http_calls.wait_idle(grace)] if self.http_calls is not None else []))
+            if not (grace > 0 and all(idle)):
                 log.warning("grace period of %.1f s over with %d call(s) still in flight; cancelling them",
-                            grace, self.interceptor.active_calls)
-        await self.grpc.stop(min(max(deadline - loop.time(), 0.0), CLOSING_GRACE))
+                            grace, self.active_calls)
+        closing = min(max(deadline - loop.time(), 0.0), CLOSING_GRACE)
+        if self.http is not None:
+            await self.http.stop(closing)
+        await self.grpc.stop(closing)
         await self.engine.close()
         for task in [*self._health_updates, *([self._trim] if self._trim else [])]:
             task.cancel()
         self.close_metrics()
+        await asyncio.to_thread(self.tracing.close)  # every batch has ended: its spans go out too
+
+    @property
+    def active_calls(self) -> int:
+        """Calls in flight on both ports, health checks excepted."""
+        return self.interceptor.active_calls + (self.http_calls.active if self.http_calls is not None else 0)
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     def close_metrics(self) -> None:
         if self._metrics_httpd is not None:
@@ -225,7 +263,7 @@ def _add_port_quietly(server: grpc.aio.Server, address: str,
     return port
 
 
-def build_engine(settings: Settings, observer: BatchObserver | None = None) -> Engine:
+def build_engine(settings: Settings, observer: BatchObserver | None = None, trace: TraceHooks | None = None) -> Engine:
     repository = ModelRepository.load(
         settings.model_repository,
         settings.models,
@@ -248,21 +286,30 @@ def build_engine(settings: Settings, observer: BatchObserver | None = None) -> E
         max_queue_delay=settings.max_queue_delay_ms / 1000,
         max_queue_tokens=settings.max_queue_tokens,
     )
-    return Engine(repository, limits, batching, observer, budget)
+    return Engine(repository, limits, batching, observer, budget, trace)
 
 
-def create_server(settings: Settings, engine: Engine | None = None) -> tuple[AttentionServer, int]:
+def create_server(settings: Settings, engine: Engine | None = None,
+                  tracing: Tracing | None = None) -> tuple[AttentionServer, int]:
     """Bind the gRPC port (0 picks a free one), then the metrics port, then load the
     models (unless `engine` is given): a busy port fails at once, not after a slow load.
     Returns the server and its gRPC port; call `await server.start()` from the event loop.
-    Raises OSError (a port) or ModelLoadError (a model file) with a one-line message."""
+    Traces go through `tracing` (default: the OTEL_* variables; an `engine` given
+    keeps the hooks it was built with: build_engine(..., trace=tracing)).
+    Raises OSError (a port), ModelLoadError (a model file) or TracingConfigError (an
+    OTEL_* variable) with a one-line message."""
+    tracing = tracing if tracing is not None else Tracing.from_env()
     metrics = Metrics()
-    server = AttentionServer(settings, metrics)
-    port = server.bind()
+    server = AttentionServer(settings, metrics, tracing)
     try:
+        port = server.bind()
+        server.bind_http()
         server.serve_metrics()
-        server.attach(engine or build_engine(settings, metrics))
+        server.attach(engine or build_engine(settings, metrics, tracing if tracing.enabled else None))
     except BaseException:
         server.close_metrics()
+        if server.http is not None:
+            server.http.socket.close()
+        tracing.close()
         raise
     return server, port

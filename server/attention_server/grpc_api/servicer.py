@@ -1,13 +1,9 @@
-"""attention.v1.AttentionService: thin handlers over the engine.
-
-Analyze and AnalyzeStream return wire bytes encoded in the engine's
-post-processing thread (see converters); server.py registers them with an
-identity serializer.
-"""
+"""attention.v1.AttentionService over gRPC: a thin adapter over
+services.attention. Analyze* responses are pre-encoded bytes, registered with an
+identity serializer."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,58 +11,33 @@ import grpc
 
 from attention_client.protocol import attention_pb2 as pb
 
-from ..runtime.engine import Engine
-from ..runtime.types import Plan
-from . import converters
-from .response_size import ResponseSize
-
-# Below this a unary response is joined on the event loop; above, in a thread.
-INLINE_JOIN_BYTES = 1 << 20
+from ..services.attention import AttentionService
 
 
 class AttentionServicer:
-    def __init__(self, engine: Engine, response_size: ResponseSize) -> None:
-        self.engine = engine
-        self.response_size = response_size
-
-    async def _plan(self, request: pb.AnalyzeRequest) -> Plan:
-        return await self.engine.plan_async(
-            request.model, converters.sequences_from_pb(request), converters.options_from_pb(request.options)
-        )
+    def __init__(self, service: AttentionService) -> None:
+        self.service = service
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> bytes:
-        plan = await self._plan(request)
-        lease = await self.engine.reserve(self.response_size.unary(plan), context.time_remaining())
+        response, lease = await self.service.analyze(request, context.time_remaining())
         # The response holds its share of the pending-result budget until the call is over (sent or dropped).
         context.add_done_callback(lease.release_when_done)  # type: ignore[arg-type]  # stubs: a class
-        results = await self.engine.analyze(plan, context.time_remaining(), finish=converters.result_parts)
-        parts = converters.analyze_response_parts(plan.model.name, results)
-        if converters.parts_size(parts) <= INLINE_JOIN_BYTES:
-            return b"".join(parts)
-        return await asyncio.to_thread(b"".join, parts)
+        return response
 
     async def AnalyzeStream(
         self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        plan = await self._plan(request)
-        self.response_size.streamed(plan)
-        async for message in self.engine.analyze_stream(plan, context.time_remaining(),
-                                                        finish=converters.encode_result):
+        async for message in self.service.analyze_stream(request, context.time_remaining()):
             yield message
             del message  # not kept while the next one is computed
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        repo = self.engine.repository
-        return pb.ListModelsResponse(
-            models=[converters.model_info_to_pb(m.metadata, self.engine.limits, m.roles) for m in repo],
-            default_model=repo.default_model,
-        )
+        return self.service.list_models()
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        model = self.engine.repository.get(request.name)
-        return converters.model_info_to_pb(model.metadata, self.engine.limits, model.roles)
+        return self.service.get_model(request.name)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method table; Analyze* responses are pre-encoded bytes."""

@@ -13,34 +13,9 @@ from pathlib import Path
 import grpc
 
 from ..settings import Settings
+from ..tls_files import TlsFileError, read_pem, stamp
 
 log = logging.getLogger(__name__)
-
-
-class TlsFileError(OSError):
-    """A certificate or key file cannot be read (start-up failure, names the file)."""
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TlsFileError(f"{path}: cannot read the {what} ({exc.strerror or exc}); check the path and "
-                           "its permissions") from None
-    if b"-----BEGIN" not in data:
-        raise TlsFileError(f"{path}: the {what} is not PEM (no -----BEGIN line)")
-    return data
-
-
-def _stamp(paths: list[Path]) -> tuple[tuple[int, int], ...]:
-    stamps = []
-    for path in paths:
-        try:
-            st = path.stat()
-            stamps.append((st.st_mtime_ns, st.st_size))
-        except OSError:
-            stamps.append((0, 0))
-    return tuple(stamps)
 
 
 @dataclass
@@ -53,8 +28,8 @@ class _Files:
         return [self.cert, self.key, *([self.client_ca] if self.client_ca else [])]
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
-        pair = (_read(self.key, "TLS private key"), _read(self.cert, "TLS certificate chain"))
-        roots = _read(self.client_ca, "client CA certificates") if self.client_ca else None
+        pair = (read_pem(self.key, "TLS private key"), read_pem(self.cert, "TLS certificate chain"))
+        roots = read_pem(self.client_ca, "client CA certificates") if self.client_ca else None
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=roots)
 
 
@@ -64,7 +39,7 @@ class RotatingCredentials:
     def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
         self._files = _Files(cert, key, client_ca)
         self._lock = threading.Lock()
-        self._stamp = _stamp(self._files.paths())
+        self._stamp = stamp(self._files.paths())
         initial = self._files.configuration()  # fails at start, naming the file, when unreadable
         self.rotations = 0
         # gRPC's stubs say the fetcher returns a configuration; it may return None for "no change".
@@ -74,15 +49,15 @@ class RotatingCredentials:
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC on each new handshake: a new configuration when the files changed."""
         with self._lock:
-            stamp = _stamp(self._files.paths())
-            if stamp == self._stamp:
+            current = stamp(self._files.paths())
+            if current == self._stamp:
                 return None
             try:
                 configuration = self._files.configuration()
             except TlsFileError as exc:  # half-written files: keep serving the old certificate
                 log.warning("TLS files changed but cannot be used yet: %s", exc)
                 return None
-            self._stamp = stamp
+            self._stamp = current
             self.rotations += 1
             log.info("TLS certificate reloaded from %s", self._files.cert)
             return configuration

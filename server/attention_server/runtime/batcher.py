@@ -14,6 +14,10 @@ waits, or whose call is cancelled, leaves the queue and never reaches the runtim
 Lifecycle: `stop_accepting` refuses new calls (the queue is no longer held for
 company that cannot come); `close` fails what is queued, lets the batches already
 running deliver, and waits for the threads off the event loop.
+
+Tracing (optional `TraceHooks`, attention_server.tracing): each job keeps its
+call's trace from submit, and every runtime batch is reported as it starts and
+ends. Without hooks the batcher records nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -74,12 +78,33 @@ class Job:
     finish: Callable[[Any], Any] | None
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    trace: Any = None  # the call's trace (TraceHooks.caller) when traced
+
+
+class BatchSpan(Protocol):
+    def end(self, error: BaseException | None) -> None:
+        """The batch's results were delivered, or it failed (any thread; once counts)."""
+
+
+class TraceHooks(Protocol):
+    """What the runtime reports to tracing (attention_server.tracing.Tracing)."""
+
+    def caller(self) -> Any:
+        """The current call's trace (event loop, at submit), kept on its jobs; None if untraced."""
+
+    def batch_started(self, model: str, batch: Sequence[Job], tokens: int, padded_tokens: int) -> BatchSpan | None:
+        """A runtime batch starts (event loop): its jobs carry their `trace` and `enqueued`."""
+
+    def span(self, name: str, attributes: Any = None) -> contextlib.AbstractContextManager[Any]:
+        """A child span of the current call around one of its steps (the engine's plan)."""
 
 
 class Batcher:
-    def __init__(self, model: LoadedModel, config: BatchConfig, observer: BatchObserver | None = None) -> None:
+    def __init__(self, model: LoadedModel, config: BatchConfig, observer: BatchObserver | None = None,
+                 trace: TraceHooks | None = None) -> None:
         self.model = model
         self.observer = observer or BatchObserver()
+        self.trace = trace
         self.config = config
         self.stats = BatcherStats()
         self._queue: list[Job] = []
@@ -127,7 +152,9 @@ class Batcher:
         self._ensure_running()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        jobs = [Job(plan, i, len(plan.tokens[i]), loop.create_future(), deadline, finish) for i in indices]
+        caller = self.trace.caller() if self.trace is not None else None
+        jobs = [Job(plan, i, len(plan.tokens[i]), loop.create_future(), deadline, finish, trace=caller)
+                for i in indices]
         self._queue.extend(jobs)
         self._queued_tokens += tokens
         self._wakeup.set()
@@ -249,9 +276,13 @@ class Batcher:
         else:
             self._narrow_running += 1
         small = sum(j.length * j.length for j in batch) * self._attention_bytes_per_cell <= INLINE_POST_BYTES
-        run = loop.run_in_executor(self._compute, self._run_model, batch, small, wide, loop)
+        span = None
+        if self.trace is not None:
+            tokens = sum(j.length for j in batch)
+            span = self.trace.batch_started(self.model.name, batch, tokens, len(batch) * max(j.length for j in batch))
+        run = loop.run_in_executor(self._compute, self._run_model, batch, small, wide, loop, span)
         self._runs.add(run)
-        run.add_done_callback(functools.partial(self._ran, batch, small, wide, loop))
+        run.add_done_callback(functools.partial(self._ran, batch, small, wide, loop, span))
 
     async def _wait_for_company(self) -> None:
         """On an idle runtime, let the oldest sequence wait up to max_queue_delay for
@@ -266,7 +297,7 @@ class Batcher:
                 await asyncio.wait_for(self._wakeup.wait(), wait)
 
     def _ran(self, batch: list[Job], small: bool, wide: bool, loop: asyncio.AbstractEventLoop,
-             run: asyncio.Future[dict[str, np.ndarray]]) -> None:
+             span: BatchSpan | None, run: asyncio.Future[dict[str, np.ndarray]]) -> None:
         """A run ended (event loop thread): free its slot, hand the batch on."""
         self._runs.discard(run)
         if wide:
@@ -275,15 +306,19 @@ class Batcher:
             self._narrow_running -= 1
         self._wakeup.set()
         if run.cancelled():
+            if span is not None:
+                span.end(None)
             return
         exc = run.exception()
         if exc is not None:
             log.error("model %s failed on a batch of %d", self.model.name, len(batch), exc_info=exc)
+            if span is not None:
+                span.end(exc)
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)
         elif not small:  # small batches were cut and delivered by the compute thread
-            self._post.submit(self._cut_batch, batch, run.result(), loop)
+            self._post.submit(self._cut_batch, batch, run.result(), loop, span)
 
     def _full(self) -> bool:
         return len(self._queue) >= self.config.max_batch_size or self._queued_tokens >= self.config.max_batch_tokens
@@ -346,7 +381,7 @@ class Batcher:
     # -- worker threads -------------------------------------------------------------------
 
     def _run_model(self, batch: list[Job], cut_here: bool, wide: bool,
-                   loop: asyncio.AbstractEventLoop) -> dict[str, np.ndarray]:
+                   loop: asyncio.AbstractEventLoop, span: BatchSpan | None = None) -> dict[str, np.ndarray]:
         """Pad and run one batch (compute thread); small batches are also cut here,
         where a hop to the post-processing thread would cost more than the cut."""
         outputs: set[str] = set()
@@ -367,10 +402,11 @@ class Batcher:
         self.observer.ran(self.model.name, len(batch), sum(len(t) for t in tokens), (padded - started) / 1e9,
                           (ran - padded) / 1e9)
         if cut_here:
-            self._cut_batch(batch, values, loop)
+            self._cut_batch(batch, values, loop, span)
         return values
 
-    def _cut_batch(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> None:
+    def _cut_batch(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop,
+                   span: BatchSpan | None = None) -> None:
         started = time.perf_counter_ns()
         try:
             self._deliver(batch, values, loop)
@@ -379,6 +415,8 @@ class Batcher:
             self.stats.compute_output.add(ns)
             self.stats.batch(len(batch)).compute_output.add(ns)
             self.observer.delivered(self.model.name, ns / 1e9)
+            if span is not None:
+                span.end(None)
 
     def _deliver(self, batch: list[Job], values: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> None:
         for row, job in enumerate(batch):

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import FieldPath, InvalidArgument, Unavailable
-from .batcher import BatchConfig, Batcher, Job
+from .batcher import BatchConfig, Batcher, Job, TraceHooks
 from .budget import Lease, ResultBudget
 from .heads import FUSIONS
 from .repository import ModelRepository, check_model_name
@@ -36,6 +36,7 @@ INLINE_PLAN_CHARS = 16384
 PROBE_CHARS_PER_TOKEN = 8
 # A prefix cut inside a word may tokenize that word into a few more pieces than the whole text does.
 PROBE_MARGIN = 4
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,11 @@ class Engine:
     batcher per model."""
 
     def __init__(self, repository: ModelRepository, limits: Limits, batch_config: BatchConfig | None = None,
-                 observer: BatchObserver | None = None, budget: ResultBudget | None = None) -> None:
+                 observer: BatchObserver | None = None, budget: ResultBudget | None = None,
+                 trace: TraceHooks | None = None) -> None:
         self.repository = repository
         self.observer = observer
+        self.trace = trace
         self.limits = limits
         self.batch_config = batch_config or BatchConfig(max_batch_size=limits.max_batch_size)
         self._batchers: dict[str, Batcher] = {}
@@ -138,12 +141,26 @@ class Engine:
 
     async def plan_async(self, model_name: str, inputs: list[SequenceInput], options: AnalyzeOptions) -> Plan:
         """`plan`, in a worker thread when there is much to tokenize (a 64 x 512-token
-        batch takes ~20 ms: too long to hold the event loop)."""
+        batch takes ~20 ms: too long to hold the event loop). Traced as `tokenize`."""
         size = sum(len(s.text or "") + len(s.text_pair or "") + (0 if s.token_ids is None else len(s.token_ids))
                    for s in inputs)
-        if size <= INLINE_PLAN_CHARS:
-            return self.plan(model_name, inputs, options)
-        return await asyncio.to_thread(self.plan, model_name, inputs, options)
+        with self.span("tokenize") as span:
+            if span is not None:
+                span.set_attribute("attention.sequences", len(inputs))
+            if size <= INLINE_PLAN_CHARS:
+                plan = self.plan(model_name, inputs, options)
+            else:
+                plan = await asyncio.to_thread(self.plan, model_name, inputs, options)
+            if span is not None:
+                span.set_attributes({"attention.model": plan.model.name,
+                                     "attention.tokens": sum(len(t) for t in plan.tokens)})
+            return plan
+
+    def span(self, name: str, attributes: dict[str, Any] | None = None) -> contextlib.AbstractContextManager[Any]:
+        """A child span of the current call around one of its steps (tokenization
+        here, a response's encoding in the services); yields it, or None when the
+        call is not traced (tracing off costs this one check)."""
+        return _NO_SPAN if self.trace is None else self.trace.span(name, attributes)
 
     def _tokenize(self, model: LoadedModel, i: int, seq: SequenceInput) -> Tokens:
         meta = model.metadata
@@ -206,7 +223,7 @@ class Engine:
     def batcher(self, model: LoadedModel) -> Batcher:
         batcher = self._batchers.get(model.name)
         if batcher is None or batcher.model is not model:
-            batcher = self._batchers[model.name] = Batcher(model, self.batch_config, self.observer)
+            batcher = self._batchers[model.name] = Batcher(model, self.batch_config, self.observer, self.trace)
         return batcher
 
     def batchers(self) -> list[Batcher]:

@@ -1,0 +1,176 @@
+"""The HTTP port's ASGI app: the routes of both protocols behind one middleware
+that does for every request what the gRPC interceptors do for every call:
+
+- a request id (the caller's `x-request-id` when it is of a safe charset and
+  length, else a new one), set for the log lines and echoed in the response;
+- bearer tokens and roles (tokens.py; the repository routes need `admin`,
+  health and the explorer page are open);
+- every exception mapped to a status and `{"error": "..."}` (errors.py);
+- calls in flight counted (the drain waits for them), per-code counts and latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import Code, PermissionDenied, Unauthenticated
+from ..logs import caller_role, request_id
+from ..metrics import Metrics
+from ..services.attention import AttentionService
+from ..services.inference import InferenceService
+from ..tokens import TokenStore, bearer_token
+from . import oip, v1
+from .errors import STATUS, error_response, status_for
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = "x-request-id"
+# The same rule as the gRPC interceptor's: anything else is replaced (it ends up in logs).
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/explore"})
+ADMIN_PREFIX = "/v2/repository/"
+CODE_OF_STATUS = {status: code for code, status in reversed(list(STATUS.items()))} | {413: Code.RESOURCE_EXHAUSTED}
+
+
+def _request_id(value: str | None) -> str:
+    if value and len(value) <= 64 and value[0].isalnum() and set(value) <= _SAFE:
+        return value
+    return uuid.uuid4().hex[:16]
+
+
+def _service_label(path: str) -> str:
+    return "http:inference" if path.startswith("/v2") else "http:attention.v1" if path.startswith("/v1") else "http"
+
+
+class Calls:
+    """Requests in flight on the HTTP port (the open ones excepted), for the drain."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.completed = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.active -= 1
+        self.completed += 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no request (but the open ones: health, the page) is in flight; False on timeout."""
+        if self.active == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+
+class CallMiddleware:
+    """Inside Starlette's own error layer: what a route raises reaches this first."""
+
+    def __init__(self, app: ASGIApp, calls: Calls, metrics: Metrics, tokens: TokenStore | None) -> None:
+        self.app = app
+        self.calls = calls
+        self.metrics = metrics
+        self.tokens = tokens
+
+    def _authorize(self, scope: Scope, path: str) -> None:
+        if self.tokens is None or path in OPEN_PATHS:
+            return
+        headers = dict(scope["headers"])
+        raw = headers.get(b"authorization")
+        token = bearer_token(raw.decode("latin-1")) if raw else None
+        role = None if token is None else self.tokens.role_of(token)
+        if role is None:
+            what = "no bearer token" if token is None else "unknown bearer token"
+            raise Unauthenticated(f"{what}; send the header 'Authorization: Bearer <token>'")
+        caller_role.set(role)
+        if path.startswith(ADMIN_PREFIX) and role != "admin":
+            raise PermissionDenied(f"{path} needs the admin role; this token has {role}")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        tracked = path not in OPEN_PATHS
+        headers = dict(scope["headers"])
+        given = headers.get(REQUEST_ID.encode())
+        rid = _request_id(given.decode("latin-1") if given else None)
+        token = request_id.set(rid)
+        service = _service_label(path)
+        started = time.perf_counter()
+        status = 500
+        code: Code | None = None
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), rid.encode())]
+            await send(message)
+
+        self.metrics.inflight.labels(service).inc()
+        if tracked:
+            self.calls.begin()
+        try:
+            self._authorize(scope, path)
+            await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            code = Code.CANCELLED
+            log.info("%s: the caller went away before the reply was sent", path)
+            raise
+        except Exception as exc:
+            status, code, message = status_for(exc)
+            if response_started:  # a stream broke after its status went out: the connection ends
+                log.warning("%s: failed after the response started: %s", path, message)
+                raise
+            await error_response(status, message)(scope, receive, send_with_id)
+        finally:
+            endpoint = scope.get("endpoint")
+            method = getattr(scope.get("route"), "name", None) or getattr(endpoint, "__name__", "unmatched")
+            if code is None and status >= 400:
+                code = CODE_OF_STATUS.get(status, Code.INTERNAL)
+            self.metrics.requests.labels(service, method, code.value if code else "OK").inc()
+            self.metrics.latency.labels(service, method).observe(time.perf_counter() - started)
+            self.metrics.inflight.labels(service).dec()
+            if tracked:
+                self.calls.end()
+            request_id.reset(token)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: f"no such path {request.url.path!r}; see /v2 (Open Inference Protocol), /v1 (attention.v1 "
+                    "as JSON), /explore", 405: f"method {request.method} not allowed on {request.url.path!r}"}
+    return error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+
+
+def build_app(attention: AttentionService, inference: InferenceService, metrics: Metrics,
+              tokens: TokenStore | None, max_request_bytes: int) -> tuple[Starlette, Calls]:
+    """The ASGI app to serve, and its count of requests in flight (for the drain)."""
+    calls = Calls()
+    app = Starlette(routes=[*oip.routes(inference, max_request_bytes), *v1.routes(attention, max_request_bytes)],
+                    middleware=[Middleware(CallMiddleware, calls=calls, metrics=metrics, tokens=tokens)],
+                    exception_handlers={HTTPException: _http_error})
+    return app, calls

@@ -1,0 +1,51 @@
+"""The one place where exceptions become HTTP statuses: a JSON body
+`{"error": "..."}` with the status that matches the gRPC code."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from starlette.responses import Response
+
+from ..errors import Code, ServiceError, TooLarge
+from .responses import json_response
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    Code.INVALID_ARGUMENT: 400,
+    Code.FAILED_PRECONDITION: 400,
+    Code.UNAUTHENTICATED: 401,
+    Code.PERMISSION_DENIED: 403,
+    Code.NOT_FOUND: 404,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.CANCELLED: 499,
+    Code.INTERNAL: 500,
+    Code.UNAVAILABLE: 503,
+    Code.DEADLINE_EXCEEDED: 504,
+}
+# Seconds a caller told to come back (429, 503) should wait first.
+RETRY_AFTER = "1"
+
+
+def status_for(exc: BaseException) -> tuple[int, Code, str]:
+    """The HTTP status, the matching code and the message for an exception;
+    unexpected ones are logged with their traceback under an incident id, which
+    is all the caller sees."""
+    if isinstance(exc, ServiceError):
+        log.info("-> %s: %s", exc.code.value, exc.message)
+        status = 413 if isinstance(exc, TooLarge) else STATUS[exc.code]
+        return status, exc.code, exc.message
+    incident = uuid.uuid4().hex[:12]
+    log.error("unexpected failure (incident %s)", incident, exc_info=exc)
+    return 500, Code.INTERNAL, f"internal error (incident {incident}); see the server log"
+
+
+def error_response(status: int, message: str) -> Response:
+    headers = {}
+    if status in (429, 503):
+        headers["retry-after"] = RETRY_AFTER
+    elif status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return json_response({"error": message}, status, headers)

@@ -1,0 +1,120 @@
+"""The Open Inference Protocol's REST API (KServe v2, with Triton's binary tensor
+data, model configuration, statistics and model repository extensions): routes
+over services.inference, the same implementation the gRPC port serves."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..errors import Unavailable
+from ..services.inference import InferenceService
+from . import rest_codec
+from .body import read_body, read_json
+from .messages import plain
+from .responses import JSON, PartsResponse, dumps, json_response
+
+# Responses with more output bytes than this are encoded to JSON off the event loop.
+INLINE_JSON_BYTES = 1 << 20
+
+
+def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
+    def model_of(request: Request) -> tuple[str, str]:
+        return request.path_params["model"], request.path_params.get("version", "")
+
+    async def server_metadata(request: Request) -> Response:
+        return json_response(plain(service.server_metadata()))
+
+    async def live(request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(request: Request) -> Response:
+        if not service.server_ready():
+            raise Unavailable("not ready: " + ("draining" if service.draining else "the default model is not loaded"))
+        return json_response({"ready": True})
+
+    async def model_metadata(request: Request) -> Response:
+        return json_response(plain(service.model_metadata(*model_of(request))))
+
+    async def model_ready(request: Request) -> Response:
+        name, version = model_of(request)
+        if not service.model_ready(name, version):
+            raise Unavailable(f"model {name} is not ready: the server is draining")
+        return json_response({"name": name, "ready": True})
+
+    async def model_config(request: Request) -> Response:
+        return json_response(plain(service.model_config(*model_of(request)).config))
+
+    async def statistics(request: Request) -> Response:
+        name, version = request.path_params.get("model", ""), request.path_params.get("version", "")
+        return json_response(plain(service.statistics(name, version)))
+
+    async def infer(request: Request) -> Response:
+        name, version = model_of(request)
+        service.model(name, version)  # an unknown model is NOT_FOUND before the body is read
+        body = await read_body(request, max_request_bytes)
+        rest = rest_codec.decode(body, request.headers.get(rest_codec.HEADER_LENGTH), name, version)
+        del body
+        response, lease = await service.infer(rest.message, rest.timeout, rest.size_factor())
+        # The body holds its share of the pending-result budget until it is sent (or the caller leaves).
+        try:
+            raw_bytes = sum(len(r) for r in response.raw_output_contents)
+            if raw_bytes <= INLINE_JSON_BYTES:
+                header, binary = _encode(response, rest)
+            else:
+                header, binary = await asyncio.to_thread(_encode, response, rest)
+            del response
+            if not binary:
+                return PartsResponse([header], {}, JSON, background=BackgroundTask(lease.release))
+            return PartsResponse([header, *binary], {rest_codec.HEADER_LENGTH: str(len(header))},
+                                 "application/octet-stream", background=BackgroundTask(lease.release))
+        except BaseException:
+            lease.release()
+            raise
+
+    async def repository_index(request: Request) -> Response:
+        doc = await read_json(request, 4096, allow_empty=True)
+        ready_only = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
+        return Response(dumps(plain(service.repository_index(ready_only)).get("models", [])), media_type=JSON)
+
+    async def load(request: Request) -> Response:
+        await read_json(request, 64 << 10, allow_empty=True)
+        await service.load(request.path_params["model"])
+        return json_response({})
+
+    async def unload(request: Request) -> Response:
+        await read_json(request, 64 << 10, allow_empty=True)
+        await service.unload(request.path_params["model"])
+        return json_response({})
+
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    table: list[Route] = [
+        Route("/v2", server_metadata, name="ServerMetadata"),
+        Route("/v2/health/live", live, name="ServerLive"),
+        Route("/v2/health/ready", ready, name="ServerReady"),
+        Route("/v2/models/stats", statistics, name="ModelStatistics"),
+        Route("/v2/repository/index", repository_index, methods=["POST"], name="RepositoryIndex"),
+        Route("/v2/repository/models/{model}/load", load, methods=["POST"], name="RepositoryModelLoad"),
+        Route("/v2/repository/models/{model}/unload", unload, methods=["POST"], name="RepositoryModelUnload"),
+    ]
+    for base in (model, versioned):
+        table += [
+            Route(base, model_metadata, name="ModelMetadata"),
+            Route(f"{base}/ready", model_ready, name="ModelReady"),
+            Route(f"{base}/config", model_config, name="ModelConfig"),
+            Route(f"{base}/stats", statistics, name="ModelStatistics"),
+            Route(f"{base}/infer", infer, methods=["POST"], name="ModelInfer"),
+        ]
+    return table
+
+
+def _encode(response: Any, rest: rest_codec.RestRequest) -> tuple[bytes, list[bytes]]:
+    doc, binary = rest_codec.encode(response, rest)
+    return dumps(doc), binary
+

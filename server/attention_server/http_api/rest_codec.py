@@ -1,0 +1,230 @@
+"""The Open Inference Protocol's REST body <-> its messages
+(inference/grpc_service.proto), so both transports share one implementation
+(services/inference.py). JSON tensors (`data`) and Triton's binary tensor data
+extension: a JSON header of `Inference-Header-Content-Length` bytes followed by
+the tensors' raw bytes, each input's and output's size in its
+`parameters.binary_data_size`.
+
+Every value a caller sends is checked for its JSON type here and named by its
+path (`inputs[0].shape`); what the values mean (datatypes, shapes against
+contents, limits) is checked by services/oip_codec.py, as for gRPC."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .._proto.inference import grpc_service_pb2 as kpb
+from ..errors import FieldPath, InvalidArgument, quote
+from ..services.oip_codec import MAX_DIMS, NUMPY, decode_bytes, encode_bytes
+
+HEADER_LENGTH = "inference-header-content-length"
+BINARY_SIZE = "binary_data_size"
+BINARY = "binary_data"
+BINARY_OUTPUT = "binary_data_output"
+# Parameters that describe the transport, not the inference: never passed on.
+TRANSPORT_PARAMETERS = (BINARY_SIZE, BINARY, BINARY_OUTPUT)
+MAX_PARAMETERS = 64
+MAX_INPUTS = 16
+MAX_NAME_CHARS = 256
+INT64 = (-(1 << 63), (1 << 63) - 1)
+# How many times larger a JSON tensor is than its raw bytes, at most (a float32 as
+# `-0.0012345678,` is 14 characters), for the response size limit.
+JSON_SIZE_FACTOR = 4.0
+_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
+
+@dataclass
+class RestRequest:
+    message: kpb.ModelInferRequest
+    binary_outputs: dict[str, bool]  # output name -> wanted as binary data
+    binary_by_default: bool  # for outputs not named: `binary_data_output`
+    timeout: float | None  # seconds, from the `timeout` parameter (microseconds, as Triton's)
+
+    def size_factor(self) -> float:
+        if self.binary_by_default and all(self.binary_outputs.values()):
+            return 1.0
+        return JSON_SIZE_FACTOR
+
+
+def _type(value: Any, kind: type, path: FieldPath, what: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise InvalidArgument(path, f"must be {what}, got {quote(value)}")
+    return value
+
+
+def _name(value: Any, path: FieldPath) -> str:
+    name: str = _type(value, str, path, "a string")
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(path, f"must have 1 to {MAX_NAME_CHARS} characters")
+    return name
+
+
+def _parameters(value: Any, target: Any, path: FieldPath) -> dict[str, Any]:
+    """JSON parameters into a map of InferParameter; returns the transport ones."""
+    if value is None:
+        return {}
+    params: dict[str, Any] = _type(value, dict, path, "an object")
+    if len(params) > MAX_PARAMETERS:
+        raise InvalidArgument(path, f"has {len(params)} entries; at most {MAX_PARAMETERS}")
+    transport = {}
+    for key, item in params.items():
+        where = (*path, key)
+        if len(key) > MAX_NAME_CHARS:
+            raise InvalidArgument(path, f"a key has {len(key)} characters; at most {MAX_NAME_CHARS}")
+        if key in TRANSPORT_PARAMETERS:
+            transport[key] = item
+            continue
+        if isinstance(item, bool):
+            target[key].bool_param = item
+        elif isinstance(item, int):
+            if not INT64[0] <= item <= INT64[1]:
+                raise InvalidArgument(where, "is out of the 64-bit integer range")
+            target[key].int64_param = item
+        elif isinstance(item, float):
+            target[key].double_param = item
+        elif isinstance(item, str):
+            target[key].string_param = item
+        else:
+            raise InvalidArgument(where, f"must be a boolean, a number or a string, got {quote(item)}")
+    return transport
+
+
+def _shape(value: Any, path: FieldPath) -> list[int]:
+    shape: list[Any] = _type(value, list, path, "a list of integers")
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(path, f"has {len(shape)} dimensions; at most {MAX_DIMS}")
+    for i, d in enumerate(shape):
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= INT64[1]:
+            raise InvalidArgument((*path, i), f"must be a non-negative integer, got {quote(d)}")
+    return shape
+
+
+def _flatten_strings(data: Any, path: FieldPath, out: list[bytes], limit: int) -> None:
+    if isinstance(data, str):
+        if len(out) >= limit:
+            raise InvalidArgument(path, f"has more elements than its shape's {limit}")
+        out.append(data.encode())
+    elif isinstance(data, list):
+        for item in data:
+            _flatten_strings(item, path, out, limit)
+    else:
+        raise InvalidArgument(path, f"BYTES data must be strings, got {quote(data)}")
+
+
+def _json_data(data: Any, datatype: str, shape: list[int], path: FieldPath) -> bytes:
+    """A JSON `data` array (flat or nested, row-major) as the tensor's raw bytes."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        _flatten_strings(data, path, items, count)
+        return encode_bytes(items)
+    dtype = NUMPY.get(datatype)
+    if dtype is None:
+        raise InvalidArgument(path, f"unknown datatype {quote(datatype)}")
+    _type(data, list, path, "a list")
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidArgument(path, f"must be a (nested) list of {datatype} numbers of one shape") from None
+    if array.size != count:
+        raise InvalidArgument(path, f"has {array.size} elements; shape {shape} needs {count}")
+    if count and array.dtype.kind not in _KINDS.get(dtype.kind, ""):
+        raise InvalidArgument(path, f"must hold {datatype} values, got {array.dtype.name} values")
+    if dtype.kind in "iu" and count:
+        info = np.iinfo(dtype.type)  # type: ignore[type-var]  # an integer dtype here
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidArgument(path, f"has values outside the {datatype} range")
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def decode(body: bytes, header_length: str | None, model: str, version: str) -> RestRequest:
+    """A REST inference request body as a ModelInferRequest (all inputs as raw contents)."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(body):
+            raise InvalidArgument("Inference-Header-Content-Length", f"must be an integer from 0 to the body's "
+                                  f"{len(body)} bytes, got {quote(header_length)}")
+        header, binary = body[:n], body[n:]
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument("body", f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    _type(doc, dict, ("body",), "a JSON object")
+    message = kpb.ModelInferRequest(model_name=model, model_version=version)
+    if "id" in doc:
+        message.id = _type(doc["id"], str, ("id",), "a string")
+    transport = _parameters(doc.get("parameters"), message.parameters, ("parameters",))
+    inputs = _type(doc.get("inputs"), list, ("inputs",), "a list of input tensors")
+    if not 1 <= len(inputs) <= MAX_INPUTS:
+        raise InvalidArgument("inputs", f"has {len(inputs)} tensors; give 1 to {MAX_INPUTS}")
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        where: FieldPath = ("inputs", i)
+        _type(tensor, dict, where, "an object")
+        name = _name(tensor.get("name"), (*where, "name"))
+        datatype = _name(tensor.get("datatype"), (*where, "datatype"))
+        shape = _shape(tensor.get("shape"), (*where, "shape"))
+        entry = message.inputs.add(name=name, datatype=datatype, shape=shape)
+        sizes = _parameters(tensor.get("parameters"), entry.parameters, (*where, "parameters"))
+        size = sizes.get(BINARY_SIZE)
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
+                raise InvalidArgument((*where, "parameters", BINARY_SIZE), f"must be an integer within the "
+                                      f"{len(binary) - offset} binary bytes left, got {quote(size)}")
+            message.raw_input_contents.append(binary[offset:offset + size])
+            offset += size
+        elif "data" in tensor:
+            message.raw_input_contents.append(_json_data(tensor["data"], datatype, shape, (*where, "data")))
+        else:
+            raise InvalidArgument(where, "has neither data nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise InvalidArgument("body", f"{len(binary) - offset} binary bytes after the inputs' binary_data_size "
+                              "total")
+    binary_by_default = transport.get(BINARY_OUTPUT) is True
+    binary_outputs = {}
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        for i, output in enumerate(_type(outputs, list, ("outputs",), "a list")):
+            where = ("outputs", i)
+            _type(output, dict, where, "an object")
+            wanted = message.outputs.add(name=_name(output.get("name"), (*where, "name")))
+            flags = _parameters(output.get("parameters"), wanted.parameters, (*where, "parameters"))
+            binary_outputs[wanted.name] = bool(flags.get(BINARY, binary_by_default))
+    timeout = None
+    if message.parameters.get("timeout") is not None:
+        micros = message.parameters["timeout"].int64_param
+        if micros > 0:
+            timeout = micros / 1e6
+        del message.parameters["timeout"]
+    return RestRequest(message, binary_outputs, binary_by_default, timeout)
+
+
+def encode(response: kpb.ModelInferResponse, request: RestRequest) -> tuple[dict[str, Any], list[bytes]]:
+    """A ModelInferResponse as the REST JSON document and the binary parts that follow it."""
+    outputs: list[dict[str, Any]] = []
+    binary: list[bytes] = []
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if request.binary_outputs.get(tensor.name, request.binary_by_default):
+            out["parameters"] = {BINARY_SIZE: len(raw)}
+            binary.append(raw)
+        elif tensor.datatype == "BYTES":
+            out["data"] = [item.decode(errors="backslashreplace") for item in decode_bytes(raw, tensor.name)]
+        else:
+            out["data"] = np.frombuffer(raw, dtype=NUMPY[tensor.datatype])
+        outputs.append(out)
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version,
+                           "outputs": outputs}
+    if response.id:
+        doc["id"] = response.id
+    return doc, binary
