@@ -203,14 +203,15 @@ def compare(expected_text: str, actual_text: str) -> list[str]:
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_METRICS = "localhost:8002"
+DEFAULT_HTTP = "localhost:8000"
 
 
 def run(example: Example, *, target: str, metrics: str, cwd: Path, env: dict[str, str],
-        python: str, timeout: float = 60) -> str:
+        python: str, timeout: float = 60, http: str = DEFAULT_HTTP) -> str:
     """Run an example against the server at `target` (metrics at `metrics`) and return what it
     printed, stdout and stderr interleaved as a terminal shows them. The docs' default addresses
-    (localhost:50051, localhost:8002) are replaced by the real ones."""
-    code = example.code.replace(DEFAULT_TARGET, target).replace(DEFAULT_METRICS, metrics)
+    (localhost:50051, localhost:8002, localhost:8000 for HTTP) are replaced by the real ones."""
+    code = example.code.replace(DEFAULT_TARGET, target).replace(DEFAULT_METRICS, metrics).replace(DEFAULT_HTTP, http)
     argv = ["bash", "-o", "pipefail", "-c", code] if example.kind == "console" else [python, "-c", code]
     done = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout, check=False)

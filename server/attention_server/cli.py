@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     configure(settings.log_level, settings.log_format)
     from .errors import ModelLoadError
     from .tokens import TokenFileError
+    from .tracing import TracingConfigError
 
     try:
         asyncio.run(serve(settings))
-    except (ModelLoadError, OSError, TokenFileError) as exc:
+    except (ModelLoadError, OSError, TokenFileError, TracingConfigError) as exc:
         # A start-up failure the operator fixes (a port, a model file): one line that
         # names it and what to do, no traceback. Anything else is a bug and keeps its traceback.
         log.error("cannot start: %s", " ".join(str(exc).split()))

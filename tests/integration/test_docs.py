@@ -9,8 +9,8 @@ The convention (docs/architecture.md, "Examples in the docs are tests"):
   stderr as a terminal shows them. A console block must hold at least one `$` line.
 - a ```python block directly followed by an ```output block: the program is run by
   the venv's Python in a fresh process and must print that output.
-- `localhost:50051` / `localhost:8002` in commands and code are replaced by the test
-  server's gRPC / metrics address.
+- `localhost:50051` / `localhost:8002` / `localhost:8000` in commands and code are
+  replaced by the test server's gRPC / metrics / HTTP address.
 - Numbers are compared by value: integers exactly, decimals within one unit of their
   last shown digit (a rounding that falls the other way on another CPU). `...` matches
   any text within a line, a line of only `...` any number of lines. Runs of spaces
@@ -72,13 +72,14 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def addresses(server: ServerThread) -> tuple[str, str]:
+def addresses(server: ServerThread) -> tuple[str, str, str]:
     assert server.server is not None and server.server.metrics_port, "the test server serves metrics"
-    return server.target, f"127.0.0.1:{server.server.metrics_port}"
+    assert server.server.http_port, "the test server serves HTTP"
+    return server.target, f"127.0.0.1:{server.server.metrics_port}", f"127.0.0.1:{server.server.http_port}"
 
 
 @pytest.fixture(scope="module")
-def env(addresses: tuple[str, str]) -> dict[str, str]:
+def env(addresses: tuple[str, str, str]) -> dict[str, str]:
     # The developer's own ATTENTION_* (a token, another target) must not leak into the examples.
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ATTENTION_")}
     return {**clean, "ATTENTION_TARGET": addresses[0], "PATH": f"{VENV_BIN}{os.pathsep}{clean.get('PATH', '')}",
@@ -86,12 +87,12 @@ def env(addresses: tuple[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def outputs(scratch: Path, env: dict[str, str], addresses: tuple[str, str]) -> Iterator[dict[Example, str]]:
+def outputs(scratch: Path, env: dict[str, str], addresses: tuple[str, str, str]) -> Iterator[dict[Example, str]]:
     """What each example prints, run once (two at a time: the examples are independent)."""
-    target, metrics = addresses
+    target, metrics, http = addresses
 
     def one(example: Example) -> str:
-        return run(example, target=target, metrics=metrics, cwd=scratch, env=env, python=sys.executable)
+        return run(example, target=target, metrics=metrics, cwd=scratch, env=env, python=sys.executable, http=http)
 
     with ThreadPoolExecutor(2) as pool:
         yield dict(zip(EXAMPLES, pool.map(one, EXAMPLES), strict=True))

@@ -131,7 +131,7 @@ class AttentionServer:
         self.grpc.add_generic_rpc_handlers((AttentionServicer(self.attention).handler(),))
         if self.http is not None:
             self._http_app, self.http_calls = build_app(self.attention, self.inference, self.metrics, self.tokens,
-                                                        self.settings.max_request_bytes)
+                                                        self.settings.max_request_bytes, self.tracing)
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.inference, self.settings.max_stream_inflight), self.grpc)
 
@@ -196,10 +196,10 @@ class AttentionServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self._draining = True
+        self.inference.draining = True  # before the first await: ready (both protocols) turns false with health
         if self._unsubscribe is not None:
             self._unsubscribe()
         await self.health.enter_graceful_shutdown()
-        self.inference.draining = True
         self.engine.stop_accepting()
         in_flight = self.active_calls
         if in_flight:
@@ -210,9 +210,10 @@ class AttentionServer:
                 log.warning("grace period of %.1f s over with %d call(s) still in flight; cancelling them",
                             grace, self.active_calls)
         closing = min(max(deadline - loop.time(), 0.0), CLOSING_GRACE)
-        if self.http is not None:
-            await self.http.stop(closing)
-        await self.grpc.stop(closing)
+        # An HTTP reply the app has handed over may still be on its way to a slow reader:
+        # uvicorn keeps such connections for what is left of the grace period.
+        await asyncio.gather(self.grpc.stop(closing), *(
+            [self.http.stop(max(deadline - loop.time(), closing))] if self.http is not None else []))
         await self.engine.close()
         for task in [*self._health_updates, *([self._trim] if self._trim else [])]:
             task.cancel()

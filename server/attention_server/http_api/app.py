@@ -1,6 +1,8 @@
 """The HTTP port's ASGI app: the routes of both protocols behind one middleware
 that does for every request what the gRPC interceptors do for every call:
 
+- a 503 for requests on connections over http_max_connections (marked OVER_LIMIT
+  by the protocol, server.py), health excepted;
 - a request id (the caller's `x-request-id` when it is of a safe charset and
   length, else a new one), set for the log lines and echoed in the response;
 - bearer tokens and roles (tokens.py; the repository routes need `admin`,
@@ -23,12 +25,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Code, PermissionDenied, Unauthenticated
+from ..errors import Code, PermissionDenied, Unauthenticated, Unavailable
 from ..logs import caller_role, request_id
 from ..metrics import Metrics
 from ..services.attention import AttentionService
 from ..services.inference import InferenceService
 from ..tokens import TokenStore, bearer_token
+from ..tracing import CallSpan, Tracing, carrier
 from . import oip, v1
 from .errors import STATUS, error_response, status_for
 
@@ -37,8 +40,11 @@ log = logging.getLogger(__name__)
 REQUEST_ID = "x-request-id"
 # The same rule as the gRPC interceptor's: anything else is replaced (it ends up in logs).
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
-OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/explore"})
+HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+OPEN_PATHS = HEALTH_PATHS | {"/explore"}
 ADMIN_PREFIX = "/v2/repository/"
+# The ASGI scope extension server.py sets on requests of a connection opened over http_max_connections.
+OVER_LIMIT = "attention.over_limit"
 CODE_OF_STATUS = {status: code for code, status in reversed(list(STATUS.items()))} | {413: Code.RESOURCE_EXHAUSTED}
 
 
@@ -86,11 +92,13 @@ class Calls:
 class CallMiddleware:
     """Inside Starlette's own error layer: what a route raises reaches this first."""
 
-    def __init__(self, app: ASGIApp, calls: Calls, metrics: Metrics, tokens: TokenStore | None) -> None:
+    def __init__(self, app: ASGIApp, calls: Calls, metrics: Metrics, tokens: TokenStore | None,
+                 tracing: Tracing | None = None) -> None:
         self.app = app
         self.calls = calls
         self.metrics = metrics
         self.tokens = tokens
+        self.tracing = tracing if tracing is not None and tracing.enabled else None  # None: off
 
     def _authorize(self, scope: Scope, path: str) -> None:
         if self.tokens is None or path in OPEN_PATHS:
@@ -121,6 +129,7 @@ class CallMiddleware:
         status = 500
         code: Code | None = None
         response_started = False
+        over_limit = OVER_LIMIT in scope.get("extensions", {}) and path not in HEALTH_PATHS
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -133,19 +142,29 @@ class CallMiddleware:
         self.metrics.inflight.labels(service).inc()
         if tracked:
             self.calls.begin()
+        span: CallSpan | None = None
+        if self.tracing is not None and tracked:
+            headers_text = ((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
+            span = self.tracing.start_call(f"{scope['method']} {path}", carrier(headers_text), {
+                "http.request.method": scope["method"], "url.path": path, "attention.request_id": rid})
+        failure: BaseException | None = None
         try:
+            if over_limit:
+                raise Unavailable("the server has as many HTTP connections open as it serves at once "
+                                  "(http_max_connections); retry")
             self._authorize(scope, path)
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             code = Code.CANCELLED
             log.info("%s: the caller went away before the reply was sent", path)
             raise
-        except Exception as exc:
+        except Exception as exc:  # the one mapping point
+            failure = exc
             status, code, message = status_for(exc)
             if response_started:  # a stream broke after its status went out: the connection ends
                 log.warning("%s: failed after the response started: %s", path, message)
                 raise
-            await error_response(status, message)(scope, receive, send_with_id)
+            await error_response(status, message, close=over_limit)(scope, receive, send_with_id)
         finally:
             endpoint = scope.get("endpoint")
             method = getattr(scope.get("route"), "name", None) or getattr(endpoint, "__name__", "unmatched")
@@ -154,6 +173,13 @@ class CallMiddleware:
             self.metrics.requests.labels(service, method, code.value if code else "OK").inc()
             self.metrics.latency.labels(service, method).observe(time.perf_counter() - started)
             self.metrics.inflight.labels(service).dec()
+            if span is not None:
+                route = getattr(scope.get("route"), "path", None)
+                if route:
+                    span.span.update_name(f"{scope['method']} {route}")
+                    span.span.set_attribute("http.route", route)
+                outcome = {"http.response.status_code": status, "rpc.response.status_code": code.value if code else "OK"}
+                span.end(outcome, str(status) if status >= 500 else None, failure if code is Code.INTERNAL else None)
             if tracked:
                 self.calls.end()
             request_id.reset(token)
@@ -167,10 +193,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(attention: AttentionService, inference: InferenceService, metrics: Metrics,
-              tokens: TokenStore | None, max_request_bytes: int) -> tuple[Starlette, Calls]:
+              tokens: TokenStore | None, max_request_bytes: int,
+              tracing: Tracing | None = None) -> tuple[Starlette, Calls]:
     """The ASGI app to serve, and its count of requests in flight (for the drain)."""
     calls = Calls()
     app = Starlette(routes=[*oip.routes(inference, max_request_bytes), *v1.routes(attention, max_request_bytes)],
-                    middleware=[Middleware(CallMiddleware, calls=calls, metrics=metrics, tokens=tokens)],
+                    middleware=[Middleware(CallMiddleware, calls=calls, metrics=metrics, tokens=tokens,
+                                               tracing=tracing)],
                     exception_handlers={HTTPException: _http_error})
     return app, calls

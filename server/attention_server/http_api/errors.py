@@ -9,7 +9,7 @@ import uuid
 from starlette.responses import Response
 
 from ..errors import Code, ServiceError, TooLarge
-from .responses import json_response
+from .responses import dumps, json_response
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,21 @@ def status_for(exc: BaseException) -> tuple[int, Code, str]:
     return 500, Code.INTERNAL, f"internal error (incident {incident}); see the server log"
 
 
-def error_response(status: int, message: str) -> Response:
+def error_response(status: int, message: str, close: bool = False) -> Response:
+    """The JSON error reply; `close` ends the connection after it (Connection: close)."""
     headers = {}
     if status in (429, 503):
         headers["retry-after"] = RETRY_AFTER
     elif status == 401:
         headers["www-authenticate"] = "Bearer"
+    if close:
+        headers["connection"] = "close"
     return json_response({"error": message}, status, headers)
+
+
+def head_too_large(limit: int) -> bytes:
+    """A whole HTTP/1.1 431 reply, written by the protocol itself: the request never reaches the app."""
+    body = dumps({"error": f"request line and headers over the {limit} byte limit (max_metadata_kib)"})
+    head = (f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body

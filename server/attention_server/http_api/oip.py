@@ -12,15 +12,39 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import Unavailable
+from ..errors import InvalidArgument, Unavailable, quote
 from ..services.inference import InferenceService
 from . import rest_codec
 from .body import read_body, read_json
 from .messages import plain
 from .responses import JSON, PartsResponse, dumps, json_response
 
-# Responses with more output bytes than this are encoded to JSON off the event loop.
+# Requests and responses with more bytes than this are decoded / encoded off the event loop.
 INLINE_JSON_BYTES = 1 << 20
+# Bodies of the repository calls (`{"ready": true}`, `{"parameters": {...}}`).
+SMALL_BODY_BYTES = 64 << 10
+
+
+def _options(doc: Any, allowed: dict[str, type], what: str) -> dict[str, Any]:
+    """The small JSON body of a repository call: `{"ready": ...}` or `{"parameters": {...}}`,
+    with only the keys this server acts on (anything else is refused by name, never ignored)."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InvalidArgument("body", f"must be a JSON object, got {quote(doc)}")
+    params = doc.get("parameters", {}) if what == "parameters" else doc
+    path = ("parameters",) if what == "parameters" else ()
+    if not isinstance(params, dict):
+        raise InvalidArgument(path or "body", f"must be an object, got {quote(params)}")
+    for key, value in params.items():
+        kind = allowed.get(key)
+        if kind is None:
+            known = ", ".join(allowed) or "none"
+            raise InvalidArgument((*path, key), f"is not supported here (supported: {known}); a model loads "
+                                  "from its folder in the repository, as it is")
+        if not isinstance(value, kind):
+            raise InvalidArgument((*path, key), f"must be {kind.__name__}, got {quote(value)}")
+    return dict(params)
 
 
 def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
@@ -28,7 +52,7 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
         return request.path_params["model"], request.path_params.get("version", "")
 
     async def server_metadata(request: Request) -> Response:
-        return json_response(plain(service.server_metadata()))
+        return json_response(rest_codec.document(service.server_metadata()))
 
     async def live(request: Request) -> Response:
         return json_response({"live": True})
@@ -39,7 +63,7 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
         return json_response({"ready": True})
 
     async def model_metadata(request: Request) -> Response:
-        return json_response(plain(service.model_metadata(*model_of(request))))
+        return json_response(rest_codec.document(service.model_metadata(*model_of(request))))
 
     async def model_ready(request: Request) -> Response:
         name, version = model_of(request)
@@ -48,17 +72,23 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
         return json_response({"name": name, "ready": True})
 
     async def model_config(request: Request) -> Response:
-        return json_response(plain(service.model_config(*model_of(request)).config))
+        # Triton's REST API returns the configuration itself (gRPC wraps it in `config`).
+        return json_response(rest_codec.document(service.model_config(*model_of(request)).config))
 
     async def statistics(request: Request) -> Response:
         name, version = request.path_params.get("model", ""), request.path_params.get("version", "")
-        return json_response(plain(service.statistics(name, version)))
+        return json_response(rest_codec.document(service.statistics(name, version)))
 
     async def infer(request: Request) -> Response:
         name, version = model_of(request)
         service.model(name, version)  # an unknown model is NOT_FOUND before the body is read
         body = await read_body(request, max_request_bytes)
-        rest = rest_codec.decode(body, request.headers.get(rest_codec.HEADER_LENGTH), name, version)
+        encoding = request.headers.get("content-encoding")
+        header_length = request.headers.get(rest_codec.HEADER_LENGTH)
+        if len(body) <= INLINE_JSON_BYTES and encoding is None:
+            rest = rest_codec.decode(body, header_length, name, version)
+        else:  # parsing MBs of JSON numbers (or inflating a body) would hold up every other call
+            rest = await asyncio.to_thread(_decode, body, encoding, header_length, name, version, max_request_bytes)
         del body
         response, lease = await service.infer(rest.message, rest.timeout, rest.size_factor())
         # The body holds its share of the pending-result budget until it is sent (or the caller leaves).
@@ -78,17 +108,20 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
             raise
 
     async def repository_index(request: Request) -> Response:
-        doc = await read_json(request, 4096, allow_empty=True)
-        ready_only = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
-        return Response(dumps(plain(service.repository_index(ready_only)).get("models", [])), media_type=JSON)
+        doc = _options(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"ready": bool}, "body")
+        index = service.repository_index(doc.get("ready", False))
+        return Response(dumps(plain(index).get("models", [])), media_type=JSON)
 
     async def load(request: Request) -> Response:
-        await read_json(request, 64 << 10, allow_empty=True)
+        # tritonclient sends `config` and `file:` parameters only to override the model's files.
+        _options(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {}, "parameters")
         await service.load(request.path_params["model"])
         return json_response({})
 
     async def unload(request: Request) -> Response:
-        await read_json(request, 64 << 10, allow_empty=True)
+        # A model here has no dependents (no ensembles): `unload_dependents` changes nothing.
+        _options(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"unload_dependents": bool},
+                 "parameters")
         await service.unload(request.path_params["model"])
         return json_response({})
 
@@ -112,6 +145,11 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
             Route(f"{base}/infer", infer, methods=["POST"], name="ModelInfer"),
         ]
     return table
+
+
+def _decode(body: bytes, encoding: str | None, header_length: str | None, name: str, version: str,
+            limit: int) -> rest_codec.RestRequest:
+    return rest_codec.decode(rest_codec.decompress(body, encoding, limit), header_length, name, version)
 
 
 def _encode(response: Any, rest: rest_codec.RestRequest) -> tuple[bytes, list[bytes]]:

@@ -3,7 +3,8 @@
 (services/inference.py). JSON tensors (`data`) and Triton's binary tensor data
 extension: a JSON header of `Inference-Header-Content-Length` bytes followed by
 the tensors' raw bytes, each input's and output's size in its
-`parameters.binary_data_size`.
+`parameters.binary_data_size`. Bodies may come compressed (`Content-Encoding:
+gzip` or `deflate`, as tritonclient.http sends them), within the same size limit.
 
 Every value a caller sends is checked for its JSON type here and named by its
 path (`inputs[0].shape`); what the values mean (datatypes, shapes against
@@ -11,31 +12,47 @@ contents, limits) is checked by services/oip_codec.py, as for gRPC."""
 
 from __future__ import annotations
 
+import base64
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from .._proto.inference import grpc_service_pb2 as kpb
-from ..errors import FieldPath, InvalidArgument, quote
+from ..errors import FieldPath, InvalidArgument, TooLarge, quote
 from ..services.oip_codec import MAX_DIMS, NUMPY, decode_bytes, encode_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_SIZE = "binary_data_size"
 BINARY = "binary_data"
 BINARY_OUTPUT = "binary_data_output"
+TIMEOUT = "timeout"
 # Parameters that describe the transport, not the inference: never passed on.
 TRANSPORT_PARAMETERS = (BINARY_SIZE, BINARY, BINARY_OUTPUT)
+# Triton extensions this server does not offer: refused by name rather than ignored
+# (the caller would otherwise look for its tensors in a shared memory region).
+UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory is not offered; send the tensor in the body",
+    "classification": "the classification extension is not offered; ask for the tensor itself",
+}
 MAX_PARAMETERS = 64
 MAX_INPUTS = 16
+MAX_OUTPUTS = 16
 MAX_NAME_CHARS = 256
+# Nested `data` lists deeper than this are refused (a tensor has at most MAX_DIMS).
+MAX_DATA_DEPTH = 32
 INT64 = (-(1 << 63), (1 << 63) - 1)
 # How many times larger a JSON tensor is than its raw bytes, at most (a float32 as
 # `-0.0012345678,` is 14 characters), for the response size limit.
 JSON_SIZE_FACTOR = 4.0
 _KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+# Content-Encoding -> zlib's wbits (gzip's header, zlib's header: what "deflate" means in HTTP).
+ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 
 @dataclass
@@ -49,6 +66,42 @@ class RestRequest:
         if self.binary_by_default and all(self.binary_outputs.values()):
             return 1.0
         return JSON_SIZE_FACTOR
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent before its Content-Encoding; TooLarge as soon as it grows
+    over `limit` bytes (a small compressed body can expand a thousandfold)."""
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    wbits = ENCODINGS.get(name)
+    if wbits is None:
+        raise InvalidArgument("Content-Encoding", f"{quote(encoding)} is not supported; send gzip, deflate or "
+                              "an uncompressed body")
+    out: list[bytes] = []
+    size = 0
+    data = body
+    try:
+        while data:
+            inflater = zlib.decompressobj(wbits)
+            chunk = inflater.decompress(data, limit + 1 - size)
+            while True:
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"request body is over the {limit} byte limit (max_request_bytes) once "
+                                   f"decompressed ({name}, {len(body)} bytes as sent)")
+                out.append(chunk)
+                if not inflater.unconsumed_tail:
+                    break
+                chunk = inflater.decompress(inflater.unconsumed_tail, limit + 1 - size)
+            if not inflater.eof:
+                raise InvalidArgument("body", f"{name} data ends before its end marker")
+            data = inflater.unused_data if wbits == 31 else b""  # gzip bodies may hold several members
+            if wbits != 31 and inflater.unused_data:
+                raise InvalidArgument("body", f"{len(inflater.unused_data)} bytes after the end of the {name} data")
+    except zlib.error as exc:
+        raise InvalidArgument("body", f"is not valid {name} data ({exc})") from None
+    return b"".join(out)
 
 
 def _type(value: Any, kind: type, path: FieldPath, what: str) -> Any:
@@ -76,6 +129,8 @@ def _parameters(value: Any, target: Any, path: FieldPath) -> dict[str, Any]:
         where = (*path, key)
         if len(key) > MAX_NAME_CHARS:
             raise InvalidArgument(path, f"a key has {len(key)} characters; at most {MAX_NAME_CHARS}")
+        if key in UNSUPPORTED_PARAMETERS:
+            raise InvalidArgument(where, UNSUPPORTED_PARAMETERS[key])
         if key in TRANSPORT_PARAMETERS:
             transport[key] = item
             continue
@@ -94,6 +149,11 @@ def _parameters(value: Any, target: Any, path: FieldPath) -> dict[str, Any]:
     return transport
 
 
+def _flag(flags: dict[str, Any], key: str, path: FieldPath, default: bool) -> bool:
+    value = flags.get(key, default)
+    return bool(_type(value, bool, (*path, key), "true or false"))
+
+
 def _shape(value: Any, path: FieldPath) -> list[int]:
     shape: list[Any] = _type(value, list, path, "a list of integers")
     if len(shape) > MAX_DIMS:
@@ -104,24 +164,33 @@ def _shape(value: Any, path: FieldPath) -> list[int]:
     return shape
 
 
-def _flatten_strings(data: Any, path: FieldPath, out: list[bytes], limit: int) -> None:
-    if isinstance(data, str):
-        if len(out) >= limit:
-            raise InvalidArgument(path, f"has more elements than its shape's {limit}")
-        out.append(data.encode())
-    elif isinstance(data, list):
-        for item in data:
-            _flatten_strings(item, path, out, limit)
-    else:
-        raise InvalidArgument(path, f"BYTES data must be strings, got {quote(data)}")
+def _flatten_strings(data: Any, path: FieldPath, limit: int) -> list[bytes]:
+    """The strings of a (nested) list in row-major order, without recursion (the
+    nesting is the caller's)."""
+    out: list[bytes] = []
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if len(out) >= limit:
+                raise InvalidArgument(path, f"has more elements than its shape's {limit}")
+            out.append(item.encode())
+        elif isinstance(item, list):
+            if depth >= MAX_DATA_DEPTH:
+                raise InvalidArgument(path, f"is nested deeper than {MAX_DATA_DEPTH} lists")
+            stack.extend((child, depth + 1) for child in reversed(item))
+        else:
+            raise InvalidArgument(path, f"BYTES data must be strings, got {quote(item)}")
+    return out
 
 
 def _json_data(data: Any, datatype: str, shape: list[int], path: FieldPath) -> bytes:
     """A JSON `data` array (flat or nested, row-major) as the tensor's raw bytes."""
     count = math.prod(shape)
     if datatype == "BYTES":
-        items: list[bytes] = []
-        _flatten_strings(data, path, items, count)
+        items = _flatten_strings(data, path, count)
+        if len(items) != count:
+            raise InvalidArgument(path, f"has {len(items)} elements; shape {shape} needs {count}")
         return encode_bytes(items)
     dtype = NUMPY.get(datatype)
     if dtype is None:
@@ -142,19 +211,32 @@ def _json_data(data: Any, datatype: str, shape: list[int], path: FieldPath) -> b
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
+def _header_length(value: str | None, size: int) -> int | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= size):
+        raise InvalidArgument("Inference-Header-Content-Length", f"must be an integer from 0 to the body's "
+                              f"{size} bytes, got {quote(value)}")
+    return int(text)
+
+
+def _timeout(message: kpb.ModelInferRequest) -> float | None:
+    """Triton's `timeout` parameter (microseconds; 0: none) in seconds; taken out of the parameters."""
+    if TIMEOUT not in message.parameters:
+        return None
+    param = message.parameters[TIMEOUT]
+    if param.WhichOneof("parameter_choice") != "int64_param" or param.int64_param < 0:
+        raise InvalidArgument(("parameters", TIMEOUT), "must be a non-negative integer (microseconds)")
+    micros = param.int64_param
+    del message.parameters[TIMEOUT]
+    return micros / 1e6 if micros > 0 else None
+
+
 def decode(body: bytes, header_length: str | None, model: str, version: str) -> RestRequest:
     """A REST inference request body as a ModelInferRequest (all inputs as raw contents)."""
-    if header_length is None:
-        header, binary = body, b""
-    else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            n = -1
-        if not 0 <= n <= len(body):
-            raise InvalidArgument("Inference-Header-Content-Length", f"must be an integer from 0 to the body's "
-                                  f"{len(body)} bytes, got {quote(header_length)}")
-        header, binary = body[:n], body[n:]
+    n = _header_length(header_length, len(body))
+    header, binary = (body, memoryview(b"")) if n is None else (body[:n], memoryview(body)[n:])
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
@@ -178,10 +260,12 @@ def decode(body: bytes, header_length: str | None, model: str, version: str) -> 
         sizes = _parameters(tensor.get("parameters"), entry.parameters, (*where, "parameters"))
         size = sizes.get(BINARY_SIZE)
         if size is not None:
+            if "data" in tensor:
+                raise InvalidArgument(where, "has both data and parameters.binary_data_size; send one")
             if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
                 raise InvalidArgument((*where, "parameters", BINARY_SIZE), f"must be an integer within the "
                                       f"{len(binary) - offset} binary bytes left, got {quote(size)}")
-            message.raw_input_contents.append(binary[offset:offset + size])
+            message.raw_input_contents.append(bytes(binary[offset:offset + size]))
             offset += size
         elif "data" in tensor:
             message.raw_input_contents.append(_json_data(tensor["data"], datatype, shape, (*where, "data")))
@@ -190,22 +274,23 @@ def decode(body: bytes, header_length: str | None, model: str, version: str) -> 
     if offset != len(binary):
         raise InvalidArgument("body", f"{len(binary) - offset} binary bytes after the inputs' binary_data_size "
                               "total")
-    binary_by_default = transport.get(BINARY_OUTPUT) is True
-    binary_outputs = {}
+    binary_by_default = _flag(transport, BINARY_OUTPUT, ("parameters",), False)
+    binary_outputs: dict[str, bool] = {}
     outputs = doc.get("outputs")
     if outputs is not None:
-        for i, output in enumerate(_type(outputs, list, ("outputs",), "a list")):
+        _type(outputs, list, ("outputs",), "a list")
+        if len(outputs) > MAX_OUTPUTS:
+            raise InvalidArgument("outputs", f"has {len(outputs)} entries; at most {MAX_OUTPUTS}")
+        for i, output in enumerate(outputs):
             where = ("outputs", i)
             _type(output, dict, where, "an object")
-            wanted = message.outputs.add(name=_name(output.get("name"), (*where, "name")))
+            name = _name(output.get("name"), (*where, "name"))
+            if name in binary_outputs:
+                raise InvalidArgument((*where, "name"), f"output {quote(name)} is asked for twice")
+            wanted = message.outputs.add(name=name)
             flags = _parameters(output.get("parameters"), wanted.parameters, (*where, "parameters"))
-            binary_outputs[wanted.name] = bool(flags.get(BINARY, binary_by_default))
-    timeout = None
-    if message.parameters.get("timeout") is not None:
-        micros = message.parameters["timeout"].int64_param
-        if micros > 0:
-            timeout = micros / 1e6
-        del message.parameters["timeout"]
+            binary_outputs[name] = _flag(flags, BINARY, (*where, "parameters"), binary_by_default)
+    timeout = _timeout(message)
     return RestRequest(message, binary_outputs, binary_by_default, timeout)
 
 
@@ -228,3 +313,36 @@ def encode(response: kpb.ModelInferResponse, request: RestRequest) -> tuple[dict
     if response.id:
         doc["id"] = response.id
     return doc, binary
+
+
+# -- other responses ------------------------------------------------------------------------
+
+def _value(field: Any, value: Any) -> Any:  # a FieldDescriptor (python's or upb's)
+    if field.message_type is not None:
+        return document(value)
+    if field.enum_type is not None:
+        number = field.enum_type.values_by_number.get(value)
+        return number.name if number is not None else value
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value
+
+
+def document(message: Message) -> dict[str, Any]:
+    """A message as Triton's REST API writes it: the .proto's field names, numbers
+    as numbers (64-bit ones too), enums by name, and every field without presence
+    at its value, zeros and empty lists included (statistics carry `"count": 0`,
+    not no count)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            item = field.message_type.fields_by_name["value"]
+            out[field.name] = {key: _value(item, v) for key, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_value(field, v) for v in value]
+        elif field.has_presence and not message.HasField(field.name):
+            continue
+        else:
+            out[field.name] = _value(field, value)
+    return out

@@ -1,10 +1,17 @@
 """The HTTP port: uvicorn serving the ASGI app in the gRPC server's process and
 event loop. The socket is bound first (a busy port fails at once, in one line);
 signals stay with the service's own CLI; the drain keeps the listener open while
-requests in flight finish, then closes connections."""
+requests in flight finish, then closes connections.
+
+uvicorn's HTTP protocol gets three bounds of its own here (_HttpProtocol): the
+request line and headers must arrive within the keep-alive timeout and fit in
+max_metadata_kib (as gRPC metadata must), and connections beyond
+http_max_connections have their requests refused with 503 while those already
+open keep being served."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -13,8 +20,11 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..settings import Settings
+from .app import OVER_LIMIT
+from .errors import head_too_large
 from .tls import RotatingContext
 
 log = logging.getLogger(__name__)
@@ -24,6 +34,92 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield  # SIGTERM and SIGINT are the service's (cli.py): they drain both ports
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, bounded: a request head (line and headers) that
+    is not complete `head_timeout` seconds after the connection opened or the
+    request began closes the connection (clients that never finish their headers
+    hold no connection slot); a head over `max_head_bytes` gets 431 and the
+    connection closes (httptools keeps whatever it is sent); a connection opened
+    while `max_connections` others are open marks its requests OVER_LIMIT (the app
+    answers 503)."""
+
+    head_timeout: float = 15.0
+    max_head_bytes: int = 16 << 10
+    max_connections: int = 1000
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0
+    _refused = False  # a 431 went out; the rest of what the client sent is ignored
+    _over_limit = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._over_limit = len(self.connections) > self.max_connections
+        self._expect_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)
+
+    def _expect_head(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _head_done(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.info("HTTP connection from %s closed: no complete request head within %.1f s",
+                     self.client[0] if self.client else "?", self.head_timeout)
+            self.transport.close()
+
+    def _within_head_limit(self, size: int) -> bool:
+        if self._refused:
+            return False
+        self._head_bytes += size
+        if self._head_bytes <= self.max_head_bytes:
+            return True
+        self._refused = True
+        self._head_done()
+        log.info("HTTP request head over %d bytes refused (max_metadata_kib)", self.max_head_bytes)
+        self.transport.write(head_too_large(self.max_head_bytes))
+        self.transport.close()
+        return False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._expect_head()
+
+    def on_url(self, url: bytes) -> None:
+        if self._within_head_limit(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._within_head_limit(len(name) + len(value)):
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_done()
+        if self._refused:
+            return
+        if self._over_limit:
+            self.scope["extensions"] = {**self.scope.get("extensions", {}), OVER_LIMIT: {}}
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -56,12 +152,15 @@ class HttpServer:
         self._task: Any = None
 
     async def start(self, app: Any) -> None:
-        import asyncio
-
+        protocol = type("HttpProtocol", (_HttpProtocol,), {
+            "head_timeout": self.settings.http_keepalive_timeout,
+            "max_head_bytes": self.settings.max_metadata_kib << 10,
+            "max_connections": self.settings.http_max_connections,
+        })
         config = uvicorn.Config(
-            app, lifespan="off", log_config=None, access_log=False, http="httptools", ws="none",
+            app, lifespan="off", log_config=None, access_log=False, http=protocol, ws="none",
             interface="asgi3", server_header=False, proxy_headers=False,
-            limit_concurrency=self.settings.http_max_connections,
+            limit_concurrency=None,  # _HttpProtocol's limit: uvicorn's refuses every connection once over it
             timeout_keep_alive=int(max(1, self.settings.http_keepalive_timeout)),
             timeout_graceful_shutdown=max(1, int(self.settings.grace_period)),
         )

@@ -43,7 +43,10 @@ class RotatingContext:
             raise TlsFileError(f"{self.cert}, {self.key}: not a usable certificate and key ({exc.reason})") from None
         if self.client_ca is not None:
             read_pem(self.client_ca, "client CA certificates")
-            context.load_verify_locations(self.client_ca)
+            try:
+                context.load_verify_locations(self.client_ca)
+            except ssl.SSLError as exc:
+                raise TlsFileError(f"{self.client_ca}: not usable client CA certificates ({exc.reason})") from None
             context.verify_mode = ssl.CERT_REQUIRED
         context.set_alpn_protocols(["http/1.1"])
         return context

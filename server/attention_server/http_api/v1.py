@@ -83,6 +83,7 @@ def routes(service: AttentionService, max_request_bytes: int) -> list[Route]:
         Route("/v1/analyze", analyze, methods=["POST"], name="Analyze"),
         Route("/v1/analyze_stream", analyze_stream, methods=["POST"], name="AnalyzeStream"),
         Route("/v1/models", list_models, name="ListModels"),
+        Route("/v1/models/", get_model, name="GetModel"),  # no name: the default model
         Route("/v1/models/{name}", get_model, name="GetModel"),
         Route("/explore", explore, name="Explore"),
     ]

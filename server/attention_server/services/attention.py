@@ -42,10 +42,11 @@ class AttentionService:
         lease = await self.engine.reserve(size, timeout)
         try:
             results = await self.engine.analyze(plan, timeout, finish=converters.result_parts)
-            parts = converters.analyze_response_parts(plan.model.name, results)
-            if converters.parts_size(parts) <= INLINE_JOIN_BYTES:
-                return b"".join(parts), lease
-            return await asyncio.to_thread(b"".join, parts), lease
+            with self.engine.span("encode"):
+                parts = converters.analyze_response_parts(plan.model.name, results)
+                if converters.parts_size(parts) <= INLINE_JOIN_BYTES:
+                    return b"".join(parts), lease
+                return await asyncio.to_thread(b"".join, parts), lease
         except BaseException:
             lease.release()
             raise

@@ -97,11 +97,13 @@ class InferenceService:
         lease = await self.engine.reserve(size, timeout)
         try:
             results: list[SequenceOutput] = await self.engine.analyze(plan, timeout)
-            if size <= INLINE_ENCODE_BYTES:
-                return codec.encode_response(request, meta, names, results, options.top_k), lease
-            # Padding and copying multi-MB outputs stays off the event loop.
-            response = await asyncio.to_thread(codec.encode_response, request, meta, names, results, options.top_k)
-            return response, lease
+            with self.engine.span("encode"):
+                if size <= INLINE_ENCODE_BYTES:
+                    return codec.encode_response(request, meta, names, results, options.top_k), lease
+                # Padding and copying multi-MB outputs stays off the event loop.
+                response = await asyncio.to_thread(codec.encode_response, request, meta, names, results,
+                                                   options.top_k)
+                return response, lease
         except BaseException:
             lease.release()
             raise
