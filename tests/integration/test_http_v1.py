@@ -7,9 +7,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-from email.message import Message
 import urllib.error
 import urllib.request
+from email.message import Message
 from typing import Any
 
 import grpc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -267,3 +268,21 @@ def test_a_real_process_prints_its_spans_with_the_console_exporter():
     assert mine["tokenize"]["parent_id"] == call["context"]["span_id"]
     [batch] = [s for s in spans if s["name"] == "batch"]
     assert [link["context"]["span_id"] for link in batch["links"]] == [call["context"]["span_id"]]
+
+
+def test_an_http_call_keeps_the_callers_trace(traced):
+    srv, recorder = traced
+    recorder.exporter.clear()
+    body = json.dumps({"sequences": [{"text": "hello world"}], "options": {"topK": 1}}).encode()
+    request = urllib.request.Request(srv.http_url + "/v1/analyze", body, headers={
+        "Content-Type": "application/json", "traceparent": TRACEPARENT, "x-request-id": "trace-http"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.status == 200
+    # The server span ends after the last byte of the reply went out: wait for it.
+    [call] = wait_until(lambda: [s for s in recorder.spans()
+                                 if s.attributes.get("attention.request_id") == "trace-http"], 30)
+    assert call.name == "POST /v1/analyze" and call.kind == SpanKind.SERVER
+    assert call.attributes["http.route"] == "/v1/analyze" and call.attributes["http.response.status_code"] == 200
+    assert call.context.trace_id == TRACE_ID and call.parent is not None and call.parent.span_id == CALLER_SPAN_ID
+    assert set(_children(recorder.spans(), call)) == {"tokenize", "queue", "encode"}
+    _batch_of(recorder, call)

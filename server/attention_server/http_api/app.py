@@ -178,7 +178,8 @@ class CallMiddleware:
                 if route:
                     span.span.update_name(f"{scope['method']} {route}")
                     span.span.set_attribute("http.route", route)
-                outcome = {"http.response.status_code": status, "rpc.response.status_code": code.value if code else "OK"}
+                outcome = {"http.response.status_code": status,
+                           "rpc.response.status_code": code.value if code else "OK"}
                 span.end(outcome, str(status) if status >= 500 else None, failure if code is Code.INTERNAL else None)
             if tracked:
                 self.calls.end()
