@@ -82,3 +82,20 @@ def test_the_runtime_imports_no_transport():
             for name in names:
                 assert not name.startswith(("grpc", "google.protobuf", "starlette", "fastapi", "attention_client")), \
                     f"{path.name} imports {name}"
+
+
+def _imports(folder: str) -> list[tuple[str, str]]:
+    found = []
+    for path in (ROOT / folder).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [(path.name, name) for name in names]
+    return found
+
+
+def test_the_services_import_no_transport_and_http_no_grpc():
+    # Both ports are thin adapters over services/: it must run under either.
+    transports = ("grpc", "starlette", "uvicorn", "fastapi")
+    assert [i for i in _imports("services") if i[1].startswith(transports)] == []
+    assert [i for i in _imports("http_api") if i[1].startswith("grpc")] == []
