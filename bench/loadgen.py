@@ -23,18 +23,19 @@ async def run(target: str, workload: str, concurrency: int, duration: float, war
     wl = WORKLOADS[workload]
     texts = wl.texts(512, seed=concurrency)
     latencies: list[float] = []
-    tokens = payload = 0
+    tokens = payload = calls = 0
     stop_at = warmup_until = 0.0
 
     async with AsyncAttentionClient(target, timeout=120) as client:
         async def caller(k: int) -> None:
-            nonlocal tokens, payload
+            nonlocal tokens, payload, calls
             i = k
             while time.perf_counter() < stop_at or not latencies:  # at least one measured call
                 started = time.perf_counter()
                 result = await client.analyze(texts[i % len(texts)], **wl.options)
                 done = time.perf_counter()
                 i += concurrency
+                calls += 1
                 if started >= warmup_until:
                     latencies.append(done - started)
                     tokens += len(result.tokens)
@@ -48,6 +49,7 @@ async def run(target: str, workload: str, concurrency: int, duration: float, war
     lat = np.array(latencies) * 1000
     return {
         "workload": workload, "concurrency": concurrency, "requests": len(latencies),
+        "calls": calls + 1,  # every call this run made (warm-up and the connecting one included)
         "seconds": elapsed, "rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed,
         "mb_per_s": payload / elapsed / 1e6,
         "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),

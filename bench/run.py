@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -16,37 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from attention_client import tune_malloc
+from bench import compare
 from bench.baselines import HfBaseline, OrtBaseline, tokenize
-from bench.ort_rss import rss_kib
+from bench.server import Server
 from bench.workloads import HEAVY, MIXED, ROOT, SHORT, Workload, text_of_length
 
 RESULTS = ROOT / "bench" / "results"
-
-
-class Server:
-    """The real `attention-server` in its own process, on a free port."""
-
-    def __init__(self, *args: str) -> None:
-        self.args = args
-
-    def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "attention_server", "--host", "127.0.0.1", "--port", "0", "--log-level",
-             "WARNING", "--metrics-port", "-1", "--http-port", "-1", *self.args],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        match = re.search(r":(\d+)$", line.strip())
-        if not match:
-            raise RuntimeError(f"server did not start: {line!r}")
-        self.target = f"127.0.0.1:{match.group(1)}"
-        return self
-
-    def rss(self) -> dict[str, int]:
-        return rss_kib(str(self.proc.pid))
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def load(target: str, workload: Workload, concurrency: int, duration: float) -> dict[str, Any]:
@@ -67,6 +41,22 @@ def machine() -> str:
     return f"{cpu}, {cores} cores, {platform.python_implementation()} {platform.python_version()}"
 
 
+SECTIONS = ("service", "sweep", "http", "tracing")
+# What each section writes into latest.json.
+SECTION_KEYS = {"service": ("service", "ort", "hf", "rss_kib", "ratios"), "sweep": ("sweep",), "http": ("http",),
+                "tracing": ("tracing",)}
+QUICK = {"duration": 2.0, "baseline_seconds": 1.0, "concurrency": [1, 8], "no_hf": True, "no_sweep": True,
+         "rounds": 3, "round_seconds": 2.0}
+
+
+def sections(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or value!r}: sections are {', '.join(SECTIONS)}")
+    return names
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per service measurement")
@@ -74,43 +64,96 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64])
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence length / batch size sweeps")
+    parser.add_argument("--only", type=sections, default=list(SECTIONS),
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all); the "
+                        "others are kept, with their dates, from the --out folder's latest.json")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds of the http and tracing comparisons")
+    parser.add_argument("--round-seconds", type=float, default=3.0,
+                        help="seconds per measurement in those rounds (the small HTTP workload: half)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a shorter run: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json/.md/.png")
     args = parser.parse_args()
+    if args.quick:  # flags given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
+    run = [s for s in args.only if not (s == "sweep" and args.no_sweep)]
     tune_malloc()  # this process is the client of the length sweep (see attention_client.memory)
     started = time.perf_counter()
-    out: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "service": {},
-                           "ort": {}, "hf": {}, "rss_kib": {}, "sweep": {}}
+    date = time.strftime("%Y-%m-%d %H:%M")
+    out: dict[str, Any] = {"machine": machine(), "date": date, "dates": {}}
+    previous = args.out / "latest.json"
+    if set(run) != set(SECTIONS) and previous.exists():
+        kept = json.loads(previous.read_text())
+        for name in SECTIONS:
+            if name not in run and all(k in kept for k in SECTION_KEYS[name]):
+                out.update({k: kept[k] for k in SECTION_KEYS[name]})
+                out["dates"][name] = kept.get("dates", {}).get(name, kept["date"])
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    if "service" in run or "sweep" in run:
+        measure_service(out, args, run, log)
+    if "http" in run:
+        log("http: the Open Inference Protocol over gRPC and HTTP, interleaved rounds")
+        out["http"] = compare.http_vs_grpc(args.rounds, args.round_seconds, log)
+    if "tracing" in run:
+        log("tracing: servers with tracing off and on, interleaved rounds")
+        out["tracing"] = compare.tracing_cost(args.rounds, args.round_seconds, log)
+    for name in run:
+        out["dates"][name] = date
+    out["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
+    report = markdown(out)
+    (args.out / "latest.md").write_text(report + "\n")
+    print(report)
+    if "service" in run:
+        try:
+            from bench.plot import plot
+
+            plot(out, args.out / "latest.png")
+            log(f"wrote {args.out / 'latest.png'}")
+        except ImportError as exc:
+            log(f"no plot ({exc}); install requirements/bench.txt")
+    log(f"done in {out['seconds']:.0f} s")
+    return 0
+
+
+def measure_service(out: dict[str, Any], args: argparse.Namespace, run: list[str],
+                    log: compare.Log) -> None:
+    """The service through the SDK against the in-process baselines, memory, and
+    the sweeps (the sections `service` and `sweep`)."""
     ort = OrtBaseline()
-    hf = None if args.no_hf else HfBaseline()
     secs = args.baseline_seconds
-    ids = {w.name: tokenize(w.texts(256)) for w in (SHORT, HEAVY, MIXED)}
-
     with Server() as server:
-        for wl in (SHORT, HEAVY, MIXED):
-            # The in-process references right before the service runs the same inputs.
-            log(f"{wl.name}: in-process ONNX Runtime")
-            seqs = ids[wl.name]
-            out["ort"][f"{wl.name}_b1"] = ort.run([[s] for s in seqs], wl.outputs, secs)
-            if wl is SHORT:
-                out["ort"]["short_b32"] = ort.run([seqs[i:i + 32] for i in range(0, 256, 32)], wl.outputs, secs)
-            if wl is HEAVY:
-                out["ort"]["heavy_b8"] = ort.run([seqs[i:i + 8] for i in range(0, 256, 8)], wl.outputs, secs)
-            if hf is not None and wl is SHORT:
-                log("short: HF transformers eager")
-                out["hf"]["b1x16"] = hf.run([[s] for s in seqs], secs)
-            if hf is not None and wl is HEAVY:
-                log("heavy: HF transformers eager")
-                out["hf"]["b8x128"] = hf.run([seqs[i:i + 8] for i in range(0, 256, 8)], secs)
-            for c in args.concurrency:
-                log(f"{wl.name}: service, {c} concurrent clients")
-                out["service"][f"{wl.name}_c{c}"] = load(server.target, wl, c, args.duration)
-            out["rss_kib"][f"server_after_{wl.name}"] = server.rss()
+        if "service" in run:
+            out.update({"service": {}, "ort": {}, "hf": {}, "rss_kib": {}})
+            hf = None if args.no_hf else HfBaseline()
+            ids = {w.name: tokenize(w.texts(256)) for w in (SHORT, HEAVY, MIXED)}
+            for wl in (SHORT, HEAVY, MIXED):
+                # The in-process references right before the service runs the same inputs.
+                log(f"{wl.name}: in-process ONNX Runtime")
+                seqs = ids[wl.name]
+                out["ort"][f"{wl.name}_b1"] = ort.run([[s] for s in seqs], wl.outputs, secs)
+                if wl is SHORT:
+                    out["ort"]["short_b32"] = ort.run([seqs[i:i + 32] for i in range(0, 256, 32)], wl.outputs, secs)
+                if wl is HEAVY:
+                    out["ort"]["heavy_b8"] = ort.run([seqs[i:i + 8] for i in range(0, 256, 8)], wl.outputs, secs)
+                if hf is not None and wl is SHORT:
+                    log("short: HF transformers eager")
+                    out["hf"]["b1x16"] = hf.run([[s] for s in seqs], secs)
+                if hf is not None and wl is HEAVY:
+                    log("heavy: HF transformers eager")
+                    out["hf"]["b8x128"] = hf.run([seqs[i:i + 8] for i in range(0, 256, 8)], secs)
+                for c in args.concurrency:
+                    log(f"{wl.name}: service, {c} concurrent clients")
+                    out["service"][f"{wl.name}_c{c}"] = load(server.target, wl, c, args.duration)
+                out["rss_kib"][f"server_after_{wl.name}"] = server.rss()
 
-        if not args.no_sweep:
+        if "sweep" in run:
             log("sweep: cost against sequence length and batch size")
             sweep: dict[str, Any] = {"length": {}, "batch": {}}
             for n in (16, 32, 64, 128, 256, 512):
@@ -126,26 +169,12 @@ def main() -> int:
                     sweep["batch"][f"{n}x{b}"] = {"ms": r["p50_ms"], "tokens_per_s": r["tokens_per_s"]}
             out["sweep"] = sweep
 
-    log("RSS reference: a fresh process with one ORT session running the heavy batches")
-    ref = subprocess.run([sys.executable, "-m", "bench.ort_rss", "1", "8", "32"], capture_output=True, text=True,
-                         cwd=ROOT, check=True)
-    out["rss_kib"]["ort_in_process"] = json.loads(ref.stdout)
-    out["ratios"] = ratios(out)
-    out["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
-    report = markdown(out)
-    (args.out / "latest.md").write_text(report + "\n")
-    print(report)
-    try:
-        from bench.plot import plot
-
-        plot(out, args.out / "latest.png")
-        log(f"wrote {args.out / 'latest.png'}")
-    except ImportError as exc:
-        log(f"no plot ({exc}); install requirements/bench.txt")
-    log(f"done in {out['seconds']:.0f} s")
-    return 0
+    if "service" in run:
+        log("RSS reference: a fresh process with one ORT session running the heavy batches")
+        ref = subprocess.run([sys.executable, "-m", "bench.ort_rss", "1", "8", "32"], capture_output=True, text=True,
+                             cwd=ROOT, check=True)
+        out["rss_kib"]["ort_in_process"] = json.loads(ref.stdout)
+        out["ratios"] = ratios(out)
 
 
 def _service_once(target: str, text: str, repeats: int) -> float:
@@ -196,7 +225,28 @@ def ratios(out: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(out: dict[str, Any]) -> str:
-    lines = [f"Measured {out['date']} on {out['machine']}.", "",
+    dates = out.get("dates") or {name: out["date"] for name in SECTIONS if SECTION_KEYS[name][0] in out}
+    lines = [f"Measured on {out['machine']}: " + ", ".join(f"{n} {d}" for n, d in dates.items()) + "."]
+    if out.get("service"):
+        lines += _service_markdown(out, dates["service"])
+    if out.get("sweep"):
+        lines += ["", f"## Sequence length and batch size ({dates['sweep']})", "",
+                  "| tokens | ORT batch-1 ms | service ms (full attention, 1 client) | service / ORT |",
+                  "|---:|---:|---:|---:|"]
+        for n, r in out["sweep"]["length"].items():
+            lines.append(f"| {n} | {r['ort_ms']:.1f} | {r['service_ms']:.1f} | {r['service_ms'] / r['ort_ms']:.2f} |")
+        lines += ["", "| tokens x batch | ORT ms | ORT tokens/s |", "|---|---:|---:|"]
+        for k, r in out["sweep"]["batch"].items():
+            lines.append(f"| {k} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} |")
+    if out.get("http"):
+        lines += _http_markdown(out["http"], dates["http"])
+    if out.get("tracing"):
+        lines += _tracing_markdown(out["tracing"], dates["tracing"])
+    return "\n".join(lines)
+
+
+def _service_markdown(out: dict[str, Any], date: str) -> list[str]:
+    lines = ["", f"## The service through the SDK, and the in-process references ({date})", "",
              "| workload | clients | req/s | tokens/s | MB/s | p50 ms | p90 ms | p99 ms |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in out["service"].values():
@@ -209,22 +259,72 @@ def markdown(out: dict[str, Any]) -> str:
     for key, r in out["hf"].items():
         lines.append(f"| HF eager {key} | {r['calls']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} |")
-    rss = out["rss_kib"]
     lines += ["", "| RSS | MiB (peak MiB) |", "|---|---:|"]
-    for key, r in rss.items():
+    for key, r in out["rss_kib"].items():
         lines.append(f"| {key} | {r['VmRSS'] / 1024:.0f} ({r['VmHWM'] / 1024:.0f}) |")
-    if out.get("sweep"):
-        lines += ["", "| tokens | ORT batch-1 ms | service ms (full attention, 1 client) | service / ORT |",
-                  "|---:|---:|---:|---:|"]
-        for n, r in out["sweep"]["length"].items():
-            lines.append(f"| {n} | {r['ort_ms']:.1f} | {r['service_ms']:.1f} | {r['service_ms'] / r['ort_ms']:.2f} |")
-        lines += ["", "| tokens x batch | ORT ms | ORT tokens/s |", "|---|---:|---:|"]
-        for k, r in out["sweep"]["batch"].items():
-            lines.append(f"| {k} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} |")
     lines += ["", "| ratio | measured | target | met |", "|---|---:|---|---|"]
     for r in out["ratios"]:
         lines.append(f"| {r['ratio']} | {r['value']:.2f} | {r['target']} | {'yes' if r['met'] else 'NO'} |")
-    return "\n".join(lines)
+    return lines
+
+
+def _spread(s: dict[str, float] | None, digits: int = 1) -> str:
+    """median (min-max)"""
+    if s is None:
+        return ""
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def _rounds_markdown(section: dict[str, Any]) -> list[str]:
+    loads = section["loadavg"]
+    return ["", f"{section['rounds']} interleaved rounds, the order of A and B alternating; every figure is the "
+            "median over the rounds with the range (min-max) in brackets. Load average (1, 5, 15 min) at the "
+            f"start: {loads[0]}; at each round: {'; '.join(loads[1:-1])}; at the end: {loads[-1]}."]
+
+
+def _ratios_markdown(ratios: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["", "| ratio, within each round | median | min-max | per round |", "|---|---:|---:|---|"]
+    for name, r in ratios.items():
+        lines.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['per_round'])} |")
+    return lines
+
+
+def _http_markdown(http: dict[str, Any], date: str) -> list[str]:
+    secs = http["seconds_per_run"]
+    lines = ["", f"## Open Inference Protocol: HTTP/REST against gRPC ({date})", "",
+             "One server; tritonclient.grpc and tritonclient.http, one client object per calling thread; text in, "
+             "`last_hidden_state` and `attentions` out (float32). heavy: 8 callers x 1 x 128 tokens "
+             f"({secs['heavy']} s a run); small: 1 caller x 1 x 16 tokens ({secs['small']} s a run). HTTP outputs "
+             "as binary tensor data, or as JSON numbers. CPU per call: the server process's, and the load "
+             "generator's."]
+    lines += _rounds_markdown(http)
+    lines += ["", "| workload | protocol | outputs | callers | seq/s | p50 ms | p99 ms | server CPU ms/call | "
+              "client CPU ms/call |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in http["summary"].items():
+        r = http["runs"][name][0]
+        lines.append(f"| {r['workload']} | {r['protocol']} | {r['outputs']} | {r['concurrency']} | {_spread(s['rps'])} "
+                     f"| {_spread(s['p50_ms'])} | {_spread(s['p99_ms'])} | {_spread(s['server_cpu_ms_per_call'])} | "
+                     f"{_spread(s.get('client_cpu_ms_per_call'))} |")
+    return lines + _ratios_markdown(http["ratios"])
+
+
+def _tracing_markdown(tracing: dict[str, Any], date: str) -> list[str]:
+    exported = tracing["exported"]
+    lines = ["", f"## Tracing off and on ({date})", "",
+             f"Two servers side by side, the same but for tracing: {tracing['exporter']}. Load through the client SDK "
+             f"({tracing['seconds_per_run']} s a run). The traced server exported {exported['spans']} spans in "
+             f"{exported['exports']} exports for {exported['traced_calls']} calls "
+             f"({exported['spans_per_call']:.2f} spans a call); the sink used {exported['cpu_seconds']:.1f} s of CPU."]
+    lines += _rounds_markdown(tracing)
+    lines += ["", "| workload | clients | tracing | seq/s | p50 ms | p99 ms | server CPU ms/call |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for name, s in tracing["summary"].items():
+        r = tracing["runs"][name][0]
+        lines.append(f"| {r['workload']} | {r['concurrency']} | {name.rsplit('_', 1)[1]} | {_spread(s['rps'])} | "
+                     f"{_spread(s['p50_ms'], 2)} | {_spread(s['p99_ms'], 2)} | "
+                     f"{_spread(s['server_cpu_ms_per_call'], 2)} |")
+    return lines + _ratios_markdown(tracing["ratios"])
 
 
 if __name__ == "__main__":

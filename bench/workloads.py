@@ -59,4 +59,7 @@ HEAVY = Workload("heavy", "one 128-token sequence per request, full float32 atte
 MIXED = Workload("mixed", "one sequence of 8-256 tokens per request, top-5 pairs and hidden states",
                  tuple(int(x) for x in np.random.default_rng(7).integers(8, 257, 64)),
                  {"top_k": 5, "attention": False, "hidden_states": True})
-WORKLOADS = {w.name: w for w in (SHORT, HEAVY, MIXED)}
+# The Open Inference Protocol's small case: enough numbers that JSON outputs show their cost.
+SMALL = Workload("small", "one 16-token sentence per request, full float32 attention and hidden states", (16,),
+                 {"attention": True, "hidden_states": True})
+WORKLOADS = {w.name: w for w in (SHORT, HEAVY, MIXED, SMALL)}

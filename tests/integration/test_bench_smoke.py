@@ -1,4 +1,4 @@
-"""`make bench` keeps working: a very short run end to end (no timing thresholds:
+"""`make bench` keeps working: very short runs end to end (no timing thresholds:
 those live in the benchmark's own report)."""
 
 import json
@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 def test_benchmark_runs_and_reports_every_ratio(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--duration", "0.5", "--baseline-seconds", "0.2", "--concurrency", "1",
-         "8", "--no-hf", "--no-sweep", "--out", str(tmp_path)],
+         "8", "--no-hf", "--only", "service", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -25,3 +25,35 @@ def test_benchmark_runs_and_reports_every_ratio(tmp_path):
     names = {r["ratio"] for r in out["ratios"]}
     assert any(n.startswith("heavy, 8 clients") for n in names) and any("RSS" in n for n in names)
     assert "| ratio | measured | target | met |" in done.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_compares_http_with_grpc_and_tracing_on_with_off(tmp_path):
+    """One round of each comparison; a section it does not run is kept from the
+    folder's latest.json, with its date."""
+    earlier = {"machine": "m", "date": "2000-01-01 00:00", "sweep": {"length": {}, "batch": {}}}
+    (tmp_path / "latest.json").write_text(json.dumps(earlier))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--only", "http,tracing", "--rounds", "1", "--round-seconds", "0.5",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "latest.json").read_text())
+    assert out["dates"]["sweep"] == "2000-01-01 00:00" and out["sweep"] == earlier["sweep"]
+    assert out["dates"]["http"] == out["dates"]["tracing"] == out["date"]
+    http, tracing = out["http"], out["tracing"]
+    assert set(http["runs"]) == {"heavy_grpc_c8", "heavy_http_c8", "small_grpc_c1", "small_http_c1",
+                                 "small_http_json_c1"}
+    assert set(tracing["runs"]) == {"short_c1_off", "short_c1_on", "heavy_c8_off", "heavy_c8_on"}
+    for section in (http, tracing):
+        for runs in section["runs"].values():
+            assert len(runs) == 1 and runs[0]["requests"] > 0 and runs[0]["server_cpu_ms_per_call"] > 0
+        assert all(r["median"] > 0 for r in section["ratios"].values())
+    heavy_http = http["runs"]["heavy_http_c8"][0]
+    assert heavy_http["tokens_per_s"] == pytest.approx(128 * heavy_http["rps"])  # 1 x 128 tokens a call
+    assert "heavy, 8 callers: HTTP binary seq/s / gRPC seq/s" in http["ratios"]
+    assert "short, 1 client: p50 on / off" in tracing["ratios"]
+    assert tracing["exported"]["spans_per_call"] >= 1  # the traced server did trace, and its spans reached the sink
+    assert "## Open Inference Protocol: HTTP/REST against gRPC" in done.stdout
+    assert "## Tracing off and on" in done.stdout

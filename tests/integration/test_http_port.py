@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention_client import AttentionClient
+from attention_server.grpc_api.server import CLOSING_GRACE
 from tests.helpers import MODEL_DIR, ServerProcess, ServerThread, wait_until
 from tests.tls import Pki, make_pki
 
@@ -42,11 +44,15 @@ def _bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def _metric(server: ServerThread, sample: str) -> float:
-    """One sample of the server's Prometheus endpoint; 0 when absent."""
+def _metric(server: ServerThread, name: str, **labels: str) -> float:
+    """The sum of a metric's samples that carry these labels (whatever their others); 0 when none."""
     text = httpx.get(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
+    total = 0.0
+    for found in re.finditer(rf"^{re.escape(name)}{{(.*)}} (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(found.group(2))
+    return total
 
 
 def _raw(port: int, data: bytes = b"") -> socket.socket:
@@ -112,20 +118,24 @@ def test_a_safe_request_id_is_echoed_an_unsafe_one_replaced(plain):
 
 
 def test_metrics_count_http_calls_by_service_method_and_code(plain):
-    infer_ok = 'attention_requests_total{code="OK",method="ModelInfer",service="http:inference"}'
-    ready_404 = 'attention_requests_total{code="NOT_FOUND",method="ModelReady",service="http:inference"}'
-    analyze_ok = 'attention_requests_total{code="OK",method="Analyze",service="http:attention.v1"}'
-    before = {s: _metric(plain, s) for s in (infer_ok, ready_404, analyze_ok)}
+    counted = {
+        "infer": {"service": "http:inference", "method": "ModelInfer", "code": "OK"},
+        "unknown": {"service": "http:inference", "method": "ModelReady", "code": "NOT_FOUND"},
+        "analyze": {"service": "http:attention.v1", "method": "Analyze", "code": "OK"},
+    }
+    before = {what: _metric(plain, "attention_requests_total", **labels) for what, labels in counted.items()}
+    inferences = _metric(plain, "nv_inference_request_success", model=DEFAULT)
     for _ in range(2):
         assert httpx.post(f"{plain.http_url}/v2/models/{DEFAULT}/infer", json=INFER_BODY, timeout=60).json()[
             "outputs"][0]["data"] == [4]
     assert httpx.get(f"{plain.http_url}/v2/models/nope/ready").status_code == 404
     assert httpx.post(f"{plain.http_url}/v1/analyze", json=ANALYZE_BODY, timeout=60).status_code == 200
-    assert _metric(plain, infer_ok) == before[infer_ok] + 2
-    assert _metric(plain, ready_404) == before[ready_404] + 1
-    assert _metric(plain, analyze_ok) == before[analyze_ok] + 1
-    assert _metric(plain, 'attention_request_duration_seconds_count{method="ModelInfer",service="http:inference"}') \
-        >= 2
+    after = {what: _metric(plain, "attention_requests_total", **labels) for what, labels in counted.items()}
+    assert after == {"infer": before["infer"] + 2, "unknown": before["unknown"] + 1, "analyze": before["analyze"] + 1}
+    # The engine's statistics are the gRPC port's: both HTTP calls that reached the model are in them.
+    assert _metric(plain, "nv_inference_request_success", model=DEFAULT) == inferences + 3
+    assert _metric(plain, "attention_request_duration_seconds_count", service="http:inference",
+                   method="ModelInfer") >= 2
 
 
 def test_the_http_port_can_be_turned_off():
@@ -184,17 +194,22 @@ def test_mutual_tls_refuses_clients_without_a_good_certificate(mtls, pki, tmp_pa
     assert httpx.get(f"{mtls.http_url}/v2/health/ready", verify=_https(pki, pki), timeout=10).status_code == 200
 
 
-def _served_serial(port: int, ca: Path, server_hostname: str | None) -> int:
-    """The serial number of the certificate a new connection gets; no SNI when server_hostname is None."""
+def _served(port: int, ca: Path, server_hostname: str | None) -> bytes:
+    """The certificate (DER) a new connection gets, verified against `ca`; no SNI when
+    server_hostname is None (nor for an IP address: Python sends none)."""
     context = ssl.create_default_context(cafile=str(ca))
     context.check_hostname = server_hostname is not None
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
             context.wrap_socket(sock, server_hostname=server_hostname) as tls:
-        return int(tls.getpeercert()["serialNumber"], 16)
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
 
 
-def _serial(cert_file: Path) -> int:
-    return ssl._ssl._test_decode_cert(str(cert_file))["serialNumber"]  # type: ignore[attr-defined]
+def _der(cert_file: Path) -> bytes:
+    """The first certificate of a PEM chain file, as DER."""
+    pem = cert_file.read_text()
+    return ssl.PEM_cert_to_DER_cert(pem[:pem.index("-----END CERTIFICATE-----") + 25])
 
 
 def _replace(source: Path, target: Path) -> None:
@@ -217,15 +232,14 @@ def test_tls_without_client_certificates_and_rotation_with_and_without_sni(tmp_p
         assert httpx.get(f"{srv.http_url}/v2/health/ready", verify=_https(old), timeout=10).status_code == 200
         with pytest.raises(REFUSED):
             httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10)
-        old_serial = int(_serial(old.server_cert_file), 16)
-        assert _served_serial(port, old.ca_file, None) == old_serial
+        assert _served(port, old.ca_file, None) == _der(old.server_cert_file)
 
         _replace(new.server_key_file, key)
         _replace(new.server_cert_file, cert)
-        # The first new connection has no server name (by IP address, SNI off): it gets the new certificate.
-        assert _served_serial(port, new.ca_file, None) == int(_serial(new.server_cert_file), 16)
-        assert _served_serial(port, new.ca_file, "127.0.0.1") == int(_serial(new.server_cert_file), 16)
-        assert _served_serial(port, new.ca_file, "localhost") == int(_serial(new.server_cert_file), 16)
+        # The first new connection sends no server name (no SNI): it gets the new certificate all the same.
+        assert _served(port, new.ca_file, None) == _der(new.server_cert_file)
+        assert _served(port, new.ca_file, "127.0.0.1") == _der(new.server_cert_file)
+        assert _served(port, new.ca_file, "localhost") == _der(new.server_cert_file)
         assert httpx.get(f"{srv.http_url}/v2/health/ready", verify=_https(new), timeout=10).status_code == 200
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"{srv.http_url}/v2/health/ready", verify=_https(old), timeout=10)
@@ -261,8 +275,9 @@ def guarded(tmp_path_factory) -> Iterator[ServerThread]:
 
 
 def test_calls_without_a_known_token_get_401_with_a_bearer_challenge(guarded):
-    unauthenticated = 'attention_requests_total{code="UNAUTHENTICATED",method="unmatched",service="http:inference"}'
-    before = _metric(guarded, unauthenticated)
+    denied = {"service": "http:inference", "code": "UNAUTHENTICATED"}
+    before = _metric(guarded, "attention_requests_total", **denied)
+    infer_before = _metric(guarded, "attention_requests_total", method="ModelInfer", **denied)
     for headers in ({}, _bearer("guess"), {"authorization": f"Basic {INFER_TOKEN}"}):
         for method, path in (("POST", f"/v2/models/{DEFAULT}/infer"), ("GET", "/v2"),
                              ("GET", f"/v2/models/{DEFAULT}/ready"), ("POST", "/v2/repository/index")):
@@ -272,7 +287,9 @@ def test_calls_without_a_known_token_get_401_with_a_bearer_challenge(guarded):
             assert "bearer token" in reply.json()["error"] and INFER_TOKEN not in reply.text
     reply = httpx.post(f"{guarded.http_url}/v1/analyze", json=ANALYZE_BODY, timeout=30)
     assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
-    assert _metric(guarded, unauthenticated) == before + 12
+    # Counted, under the route each asked for.
+    assert _metric(guarded, "attention_requests_total", **denied) == before + 12
+    assert _metric(guarded, "attention_requests_total", method="ModelInfer", **denied) == infer_before + 3
 
 
 def test_health_and_the_explorer_page_need_no_token(guarded):
@@ -283,6 +300,8 @@ def test_health_and_the_explorer_page_need_no_token(guarded):
 
 
 def test_the_infer_role_may_infer_but_not_touch_the_repository(guarded):
+    forbidden = {"service": "http:inference", "method": "RepositoryIndex", "code": "PERMISSION_DENIED"}
+    before = _metric(guarded, "attention_requests_total", **forbidden)
     with httpx.Client(base_url=guarded.http_url, headers=_bearer(INFER_TOKEN), timeout=60) as client:
         assert client.post(f"/v2/models/{DEFAULT}/infer", json=INFER_BODY).json()["outputs"][0]["data"] == [4]
         assert client.post("/v1/analyze", json=ANALYZE_BODY).status_code == 200
@@ -292,6 +311,7 @@ def test_the_infer_role_may_infer_but_not_touch_the_repository(guarded):
             reply = client.post(path)
             assert reply.status_code == 403, path
             assert "admin" in reply.json()["error"]
+    assert _metric(guarded, "attention_requests_total", **forbidden) == before + 1
     assert httpx.get(f"{guarded.http_url}/v2/health/ready").status_code == 200  # nothing was unloaded
 
 
@@ -396,10 +416,10 @@ def test_clients_that_never_finish_their_request_head_are_closed_and_block_no_on
     sender = threading.Thread(target=keep_trickling, daemon=True)
     sender.start()
     try:
-        # Others are served all the while, more of them than the limit leaves room for beside the slow ones.
-        for _ in range(6):
-            assert httpx.post(f"{impatient.http_url}/v2/models/{DEFAULT}/infer", json=INFER_BODY,
-                              timeout=30).status_code == 200
+        # Another client is served all the while, on the one connection slot the slow ones leave.
+        with httpx.Client(base_url=impatient.http_url, timeout=30) as client:
+            for _ in range(6):
+                assert client.post(f"/v2/models/{DEFAULT}/infer", json=INFER_BODY).status_code == 200
         started = time.monotonic()
         for sock in (silent, partial, trickle):
             assert _closed_by_server(sock) == b""  # closed without a reply
@@ -439,6 +459,14 @@ class _SmallWindow(http.client.HTTPConnection):
         self.sock.connect((self.host, self.port))
 
 
+def _refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def _start(port: int, path: str, body: dict[str, object]) -> tuple[_SmallWindow, http.client.HTTPResponse]:
     connection = _SmallWindow("127.0.0.1", port, timeout=120)
     connection.request("POST", path, json.dumps(body), {"content-type": "application/json"})
@@ -461,8 +489,11 @@ def test_sigterm_drain_finishes_calls_in_flight_while_ready_says_503():
         assert stream.status == 200 and reply.status == 200
 
         proc.proc.send_signal(signal.SIGTERM)
-        not_ready = wait_until(lambda: (r := httpx.get(f"{url}/v2/health/ready", timeout=10)).status_code == 503
-                               and r, timeout=30)
+        def ready_reply() -> httpx.Response | None:
+            reply = httpx.get(f"{url}/v2/health/ready", timeout=10)
+            return reply if reply.status_code == 503 else None
+
+        not_ready = wait_until(ready_reply, timeout=30)
         assert not_ready.headers["retry-after"] and "draining" in not_ready.json()["error"]
         refused = httpx.post(f"{url}/v2/models/{DEFAULT}/infer", json=INFER_BODY, timeout=30)
         assert refused.status_code == 503 and refused.headers["retry-after"]
@@ -474,9 +505,14 @@ def test_sigterm_drain_finishes_calls_in_flight_while_ready_says_503():
                 == health_pb2.HealthCheckResponse.NOT_SERVING
         assert proc.proc.poll() is None
 
-        lines = stream.read().splitlines()
-        assert [json.loads(line)["index"] if "index" in json.loads(line) else 0 for line in lines] == [0, 1, 2]
-        assert all(len(json.loads(line)["tokens"]) == 202 for line in lines)
+        results = [json.loads(line) for line in stream.read().splitlines()]
+        assert [r["index"] for r in results] == [0, 1, 2]
+        assert all(len(r["tokens"]) == 202 for r in results)
+        # No call is left: the listener closes, but the process waits for the reply still unread
+        # (for what is left of the grace period), longer than it gives anything else to close.
+        wait_until(lambda: _refuses_connections(proc.http_port), timeout=30)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.proc.wait(3 * CLOSING_GRACE)
         body = reply.read()
         assert len(body) == int(reply.headers["content-length"])
         assert len(json.loads(body)["results"][0]["tokens"]) == 302

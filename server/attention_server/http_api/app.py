@@ -17,12 +17,14 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import Code, PermissionDenied, Unauthenticated, Unavailable
@@ -93,8 +95,9 @@ class CallMiddleware:
     """Inside Starlette's own error layer: what a route raises reaches this first."""
 
     def __init__(self, app: ASGIApp, calls: Calls, metrics: Metrics, tokens: TokenStore | None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
+        self.routes = routes
         self.calls = calls
         self.metrics = metrics
         self.tokens = tokens
@@ -113,6 +116,17 @@ class CallMiddleware:
         caller_role.set(role)
         if path.startswith(ADMIN_PREFIX) and role != "admin":
             raise PermissionDenied(f"{path} needs the admin role; this token has {role}")
+
+    def _method(self, scope: Scope) -> str:
+        """The route's name for the metrics; for a request turned away before routing (a token,
+        the connection limit), the name of the route it asked for."""
+        name = getattr(scope.get("route"), "name", None)
+        if name:
+            return str(name)
+        for route in self.routes:
+            if isinstance(route, Route) and route.matches(scope)[0] is Match.FULL:
+                return route.name
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,8 +180,7 @@ class CallMiddleware:
                 raise
             await error_response(status, message, close=over_limit)(scope, receive, send_with_id)
         finally:
-            endpoint = scope.get("endpoint")
-            method = getattr(scope.get("route"), "name", None) or getattr(endpoint, "__name__", "unmatched")
+            method = self._method(scope)
             if code is None and status >= 400:
                 code = CODE_OF_STATUS.get(status, Code.INTERNAL)
             self.metrics.requests.labels(service, method, code.value if code else "OK").inc()
@@ -198,8 +211,9 @@ def build_app(attention: AttentionService, inference: InferenceService, metrics:
               tracing: Tracing | None = None) -> tuple[Starlette, Calls]:
     """The ASGI app to serve, and its count of requests in flight (for the drain)."""
     calls = Calls()
-    app = Starlette(routes=[*oip.routes(inference, max_request_bytes), *v1.routes(attention, max_request_bytes)],
+    routes = [*oip.routes(inference, max_request_bytes), *v1.routes(attention, max_request_bytes)]
+    app = Starlette(routes=routes,
                     middleware=[Middleware(CallMiddleware, calls=calls, metrics=metrics, tokens=tokens,
-                                               tracing=tracing)],
+                                           tracing=tracing, routes=routes)],
                     exception_handlers={HTTPException: _http_error})
     return app, calls

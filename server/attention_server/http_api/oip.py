@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import InvalidArgument, Unavailable, quote
+from ..errors import FieldPath, InvalidArgument, Unavailable, quote
 from ..services.inference import InferenceService
 from . import rest_codec
 from .body import read_body, read_json
@@ -25,26 +25,20 @@ INLINE_JSON_BYTES = 1 << 20
 SMALL_BODY_BYTES = 64 << 10
 
 
-def _options(doc: Any, allowed: dict[str, type], what: str) -> dict[str, Any]:
-    """The small JSON body of a repository call: `{"ready": ...}` or `{"parameters": {...}}`,
-    with only the keys this server acts on (anything else is refused by name, never ignored)."""
-    if doc is None:
+def _checked(value: Any, allowed: dict[str, type], path: FieldPath = (), why: str = "") -> dict[str, Any]:
+    """A small JSON object of a repository call (None: no body) with only the keys this
+    server acts on: anything else is refused by name, never ignored."""
+    if value is None:
         return {}
-    if not isinstance(doc, dict):
-        raise InvalidArgument("body", f"must be a JSON object, got {quote(doc)}")
-    params = doc.get("parameters", {}) if what == "parameters" else doc
-    path = ("parameters",) if what == "parameters" else ()
-    if not isinstance(params, dict):
-        raise InvalidArgument(path or "body", f"must be an object, got {quote(params)}")
-    for key, value in params.items():
+    if not isinstance(value, dict):
+        raise InvalidArgument(path or "body", f"must be a JSON object, got {quote(value)}")
+    for key, item in value.items():
         kind = allowed.get(key)
         if kind is None:
-            known = ", ".join(allowed) or "none"
-            raise InvalidArgument((*path, key), f"is not supported here (supported: {known}); a model loads "
-                                  "from its folder in the repository, as it is")
-        if not isinstance(value, kind):
-            raise InvalidArgument((*path, key), f"must be {kind.__name__}, got {quote(value)}")
-    return dict(params)
+            raise InvalidArgument((*path, key), f"is not supported (supported: {', '.join(allowed) or 'none'}){why}")
+        if not isinstance(item, kind):
+            raise InvalidArgument((*path, key), f"must be a {kind.__name__}, got {quote(item)}")
+    return value
 
 
 def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
@@ -90,7 +84,7 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
         else:  # parsing MBs of JSON numbers (or inflating a body) would hold up every other call
             rest = await asyncio.to_thread(_decode, body, encoding, header_length, name, version, max_request_bytes)
         del body
-        response, lease = await service.infer(rest.message, rest.timeout, rest.size_factor())
+        response, lease = await service.infer(rest.message, None, rest.size_factor())
         # The body holds its share of the pending-result budget until it is sent (or the caller leaves).
         try:
             raw_bytes = sum(len(r) for r in response.raw_output_contents)
@@ -108,20 +102,21 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
             raise
 
     async def repository_index(request: Request) -> Response:
-        doc = _options(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"ready": bool}, "body")
+        doc = _checked(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"ready": bool})
         index = service.repository_index(doc.get("ready", False))
         return Response(dumps(plain(index).get("models", [])), media_type=JSON)
 
     async def load(request: Request) -> Response:
         # tritonclient sends `config` and `file:` parameters only to override the model's files.
-        _options(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {}, "parameters")
+        doc = _checked(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"parameters": dict})
+        _checked(doc.get("parameters"), {}, ("parameters",), "; a model loads from its folder in the repository")
         await service.load(request.path_params["model"])
         return json_response({})
 
     async def unload(request: Request) -> Response:
         # A model here has no dependents (no ensembles): `unload_dependents` changes nothing.
-        _options(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"unload_dependents": bool},
-                 "parameters")
+        doc = _checked(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"parameters": dict})
+        _checked(doc.get("parameters"), {"unload_dependents": bool}, ("parameters",))
         await service.unload(request.path_params["model"])
         return json_response({})
 

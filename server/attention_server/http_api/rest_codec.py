@@ -31,7 +31,6 @@ HEADER_LENGTH = "inference-header-content-length"
 BINARY_SIZE = "binary_data_size"
 BINARY = "binary_data"
 BINARY_OUTPUT = "binary_data_output"
-TIMEOUT = "timeout"
 # Parameters that describe the transport, not the inference: never passed on.
 TRANSPORT_PARAMETERS = (BINARY_SIZE, BINARY, BINARY_OUTPUT)
 # Triton extensions this server does not offer: refused by name rather than ignored
@@ -60,7 +59,6 @@ class RestRequest:
     message: kpb.ModelInferRequest
     binary_outputs: dict[str, bool]  # output name -> wanted as binary data
     binary_by_default: bool  # for outputs not named: `binary_data_output`
-    timeout: float | None  # seconds, from the `timeout` parameter (microseconds, as Triton's)
 
     def size_factor(self) -> float:
         if self.binary_by_default and all(self.binary_outputs.values()):
@@ -221,18 +219,6 @@ def _header_length(value: str | None, size: int) -> int | None:
     return int(text)
 
 
-def _timeout(message: kpb.ModelInferRequest) -> float | None:
-    """Triton's `timeout` parameter (microseconds; 0: none) in seconds; taken out of the parameters."""
-    if TIMEOUT not in message.parameters:
-        return None
-    param = message.parameters[TIMEOUT]
-    if param.WhichOneof("parameter_choice") != "int64_param" or param.int64_param < 0:
-        raise InvalidArgument(("parameters", TIMEOUT), "must be a non-negative integer (microseconds)")
-    micros = param.int64_param
-    del message.parameters[TIMEOUT]
-    return micros / 1e6 if micros > 0 else None
-
-
 def decode(body: bytes, header_length: str | None, model: str, version: str) -> RestRequest:
     """A REST inference request body as a ModelInferRequest (all inputs as raw contents)."""
     n = _header_length(header_length, len(body))
@@ -290,8 +276,7 @@ def decode(body: bytes, header_length: str | None, model: str, version: str) -> 
             wanted = message.outputs.add(name=name)
             flags = _parameters(output.get("parameters"), wanted.parameters, (*where, "parameters"))
             binary_outputs[name] = _flag(flags, BINARY, (*where, "parameters"), binary_by_default)
-    timeout = _timeout(message)
-    return RestRequest(message, binary_outputs, binary_by_default, timeout)
+    return RestRequest(message, binary_outputs, binary_by_default)
 
 
 def encode(response: kpb.ModelInferResponse, request: RestRequest) -> tuple[dict[str, Any], list[bytes]]:

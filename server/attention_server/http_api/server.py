@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import socket
 from collections.abc import Generator
 from typing import Any
@@ -75,8 +76,8 @@ class _HttpProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self.transport.is_closing():
-            log.info("HTTP connection from %s closed: no complete request head within %.1f s",
-                     self.client[0] if self.client else "?", self.head_timeout)
+            log.debug("HTTP connection from %s closed: no complete request head within %.1f s",
+                      self.client[0] if self.client else "?", self.head_timeout)
             self.transport.close()
 
     def _within_head_limit(self, size: int) -> bool:
@@ -160,8 +161,10 @@ class HttpServer:
         config = uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=False, http=protocol, ws="none",
             interface="asgi3", server_header=False, proxy_headers=False,
-            limit_concurrency=None,  # _HttpProtocol's limit: uvicorn's refuses every connection once over it
-            timeout_keep_alive=int(max(1, self.settings.http_keepalive_timeout)),
+            # The limit is _HttpProtocol's: uvicorn's own counts the asking connection too (a limit of 1
+            # serves nothing) and, once reached, refuses the requests of every connection, old ones included.
+            limit_concurrency=None,
+            timeout_keep_alive=math.ceil(self.settings.http_keepalive_timeout),
             timeout_graceful_shutdown=max(1, int(self.settings.grace_period)),
         )
         config.load()
@@ -178,7 +181,8 @@ class HttpServer:
             await asyncio.sleep(0.01)
 
     async def stop(self, grace: float) -> None:
-        """Close the listener and the idle connections; requests still running get `grace` seconds."""
+        """Close the listener and the idle connections; requests still running, and replies
+        still on their way to the client, get `grace` seconds."""
         if self._server is None:
             self.socket.close()
             return

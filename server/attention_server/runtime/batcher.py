@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from ..errors import DeadlineExceeded, ResourceExhausted, TooLarge, Unavailable
 from .onnx_model import pad_batch
 from .results import cut, outputs_for
 from .stats import BatcherStats, BatchObserver
@@ -143,12 +143,11 @@ class Batcher:
         limit = self.config.max_queue_tokens
         if self._queued_tokens + tokens > limit:
             self.stats.refused()
-            raise ResourceExhausted(
-                f"queue full: {self._queued_tokens} tokens waiting + {tokens} requested exceed max_queue_tokens="
-                f"{limit}; retry with backoff" if tokens <= limit else
-                f"request has {tokens} tokens, more than the whole queue holds (max_queue_tokens={limit}); "
-                "split it or use AnalyzeStream with fewer sequences"
-            )
+            if tokens > limit:  # no retry can help: a size limit
+                raise TooLarge(f"request has {tokens} tokens, more than the whole queue holds "
+                               f"(max_queue_tokens={limit}); split it or use AnalyzeStream with fewer sequences")
+            raise ResourceExhausted(f"queue full: {self._queued_tokens} tokens waiting + {tokens} requested exceed "
+                                    f"max_queue_tokens={limit}; retry with backoff")
         self._ensure_running()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout

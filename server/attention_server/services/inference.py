@@ -85,6 +85,7 @@ class InferenceService:
         encoding of the response is (JSON numbers are), for the response size limit."""
         model = self.model(request.model_name, request.model_version)
         meta = model.metadata
+        timeout = codec.request_timeout(request, timeout)
         sequences = codec.decode_request(request, meta, self.engine.limits.max_batch_size)
         names, options = codec.requested_outputs(request, meta)
         try:

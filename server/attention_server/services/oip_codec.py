@@ -247,11 +247,28 @@ def _index_list(value: object, name: str) -> tuple[int, ...]:
         raise InvalidArgument(f"parameter '{name}'", f"must be comma-separated integers, got {quote(value)}") from None
 
 
+def request_timeout(request: kpb.ModelInferRequest, timeout: float | None) -> float | None:
+    """The call's time limit in seconds: the transport's (a gRPC deadline) or the
+    `timeout` parameter (microseconds, as Triton's), whichever is sooner."""
+    micros = _param(request.parameters, "timeout")
+    if micros is None:
+        return timeout
+    if isinstance(micros, bool) or not isinstance(micros, int) or micros < 0:
+        raise InvalidArgument("parameter 'timeout'", f"must be a non-negative integer (microseconds), got "
+                              f"{quote(micros)}")
+    if micros == 0:
+        return timeout
+    return micros / 1e6 if timeout is None else min(timeout, micros / 1e6)
+
+
 def requested_outputs(request: kpb.ModelInferRequest, meta: ModelMetadata) -> tuple[list[str], AnalyzeOptions]:
     """The output names in response order, and the runtime options they need."""
     known = [t.name for t in model_tensors(meta)[1]]
     top_k = _param(request.parameters, "top_k")
     names = [o.name for o in request.outputs]
+    if len(names) > len(known) or len(set(names)) != len(names):
+        raise InvalidArgument("outputs", f"{len(names)} requested, {len(set(names))} distinct; ask for each output "
+                              f"at most once (this model has {len(known)})")
     for name in names:
         if name not in known:
             raise InvalidArgument(f"output {quote(name)}", f"unknown output of model '{meta.name}'; known: "
