@@ -90,9 +90,11 @@ class Settings(BaseSettings):
     http_host: str | None = None
     """Address of the HTTP port; the gRPC port's (--host) when not set."""
     http_max_connections: int = Field(1000, ge=1)
-    """Most HTTP connections and requests at once; beyond it new ones get 503 at once."""
+    """Most HTTP connections open at once; a connection beyond it gets 503 (with Retry-After) and is closed,
+    those already open keep being served."""
     http_keepalive_timeout: float = Field(15.0, gt=0)
-    """Seconds an idle HTTP keep-alive connection stays open."""
+    """Seconds an idle HTTP keep-alive connection stays open, and a client has to send a request's line and
+    headers (which must fit in max_metadata_kib, else 431)."""
     metrics_host: str = "0.0.0.0"
     """Address of the Prometheus endpoint (plain HTTP). With TLS on and this not set, 127.0.0.1."""
     metrics_port: int = Field(8002, ge=-1, le=65535)
