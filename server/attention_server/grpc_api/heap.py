@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 from attention_client.memory import trim_heap
-
-from .interceptor import ObservabilityInterceptor
 
 log = logging.getLogger(__name__)
 
 
-async def trim_when_idle(calls: ObservabilityInterceptor, delay: float = 0.5) -> None:
+class Calls(Protocol):
+    """Calls in flight on every port (both transports)."""
+
+    @property
+    def active_calls(self) -> int: ...
+
+    @property
+    def completed(self) -> int: ...
+
+    async def wait_idle(self, timeout: float | None) -> bool: ...
+
+
+async def trim_when_idle(calls: Calls, delay: float = 0.5) -> None:
     """Run for the server's lifetime (cancel to stop)."""
     trimmed_at = calls.completed
     while True:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from attention_client.protocol import attention_pb2 as pb
@@ -20,10 +20,15 @@ from attention_client.viz import explorer_html
 from ..services.attention import AttentionService
 from .body import read_body
 from .messages import mapped, parse
-from .responses import JSON, PartsResponse, dumps, json_response
+from .responses import JSON, LinesResponse, PartsResponse, dumps, json_response
 
 # base64 is 4/3 of the raw bytes, plus JSON's names and punctuation.
 JSON_SIZE_FACTOR = 1.4
+# At its peak the JSON encoding holds the protobuf bytes, the parsed message, the
+# dict with base64 strings and the JSON bytes: measured 7.5x the raw size for one
+# 512-token sequence before the JSON body was built in a thread that frees as it
+# goes; reserved as 6x in the result budget (memory the server really holds).
+JSON_MEMORY_FACTOR = 6.0
 INLINE_JSON_BYTES = 1 << 20
 NDJSON = "application/x-ndjson"
 
@@ -47,7 +52,7 @@ def routes(service: AttentionService, max_request_bytes: int) -> list[Route]:
         return message
 
     async def analyze(request: Request) -> Response:
-        raw, lease = await service.analyze(await request_of(request), None, JSON_SIZE_FACTOR)
+        raw, lease = await service.analyze(await request_of(request), None, JSON_SIZE_FACTOR, JSON_MEMORY_FACTOR)
         try:
             body = _response_json(raw) if len(raw) <= INLINE_JSON_BYTES else await asyncio.to_thread(
                 _response_json, raw)
@@ -61,14 +66,22 @@ def routes(service: AttentionService, max_request_bytes: int) -> list[Route]:
         """One JSON SequenceResult a line (newline-delimited JSON), as AnalyzeStream sends them."""
         message = await request_of(request)
         results = service.analyze_stream(message, None)
-        first = await anext(results)  # errors before the first result get a status, not a broken stream
+        try:
+            first = await anext(results)  # errors before the first result get a status, not a broken stream
+        except BaseException:
+            await results.aclose()
+            raise
 
         async def lines() -> AsyncIterator[bytes]:
-            yield await asyncio.to_thread(_result_json, first)
-            async for raw in results:
-                yield await asyncio.to_thread(_result_json, raw)
+            # Closed by LinesResponse however the reply ends: the stream's window goes back at once.
+            try:
+                yield await asyncio.to_thread(_result_json, first)
+                async for raw in results:
+                    yield await asyncio.to_thread(_result_json, raw)
+            finally:
+                await results.aclose()
 
-        return StreamingResponse(lines(), media_type=NDJSON)
+        return LinesResponse(lines(), NDJSON)
 
     async def list_models(request: Request) -> Response:
         return json_response(mapped(service.list_models()))

@@ -8,7 +8,7 @@ post-processing thread (see converters)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from attention_client.protocol import attention_pb2 as pb
 
@@ -33,13 +33,15 @@ class AttentionService:
         )
 
     async def analyze(self, request: pb.AnalyzeRequest, timeout: float | None,
-                      size_factor: float = 1.0) -> tuple[bytes, Lease]:
+                      size_factor: float = 1.0, memory_factor: float = 1.0) -> tuple[bytes, Lease]:
         """The encoded AnalyzeResponse and its share of the pending-result budget
         (release it once sent). `size_factor`: how much larger than the protobuf the
-        transport's encoding is (base64 in JSON), for the response size limit."""
+        transport's encoding is (base64 in JSON), for the response size limit;
+        `memory_factor`: how much memory the transport's encoding takes at its peak,
+        for the budget."""
         plan = await self.plan(request)
         size = self.response_size.unary(plan, size_factor)
-        lease = await self.engine.reserve(size, timeout)
+        lease = await self.engine.reserve(int(size * memory_factor), timeout)
         try:
             results = await self.engine.analyze(plan, timeout, finish=converters.result_parts)
             with self.engine.span("encode"):
@@ -51,7 +53,7 @@ class AttentionService:
             lease.release()
             raise
 
-    async def analyze_stream(self, request: pb.AnalyzeRequest, timeout: float | None) -> AsyncIterator[bytes]:
+    async def analyze_stream(self, request: pb.AnalyzeRequest, timeout: float | None) -> AsyncGenerator[bytes, None]:
         """One encoded SequenceResult a sequence, each within the response size limit."""
         plan = await self.plan(request)
         self.response_size.streamed(plan)

@@ -79,10 +79,11 @@ class InferenceService:
     # -- inference -------------------------------------------------------------------
 
     async def infer(self, request: kpb.ModelInferRequest, timeout: float | None,
-                    size_factor: float = 1.0) -> tuple[kpb.ModelInferResponse, Lease]:
+                    size_factor: float = 1.0, memory_factor: float = 1.0) -> tuple[kpb.ModelInferResponse, Lease]:
         """The response and its share of the pending-result budget (release it once
         sent). `size_factor`: how much larger than the raw tensors the transport's
-        encoding of the response is (JSON numbers are), for the response size limit."""
+        encoding of the response is (JSON numbers are), for the response size limit;
+        `memory_factor`: the encoding's peak memory over the raw tensors, for the budget."""
         model = self.model(request.model_name, request.model_version)
         meta = model.metadata
         timeout = codec.request_timeout(request, timeout)
@@ -95,7 +96,7 @@ class InferenceService:
         size = codec.response_bytes(request, meta, names, [len(t) for t in plan.tokens], len(plan.layers),
                                     len(plan.heads), options.top_k)
         self.response_size.check(int(size * size_factor))
-        lease = await self.engine.reserve(size, timeout)
+        lease = await self.engine.reserve(int(size * memory_factor), timeout)
         try:
             results: list[SequenceOutput] = await self.engine.analyze(plan, timeout)
             with self.engine.span("encode"):
