@@ -43,7 +43,7 @@ def oip_parameters(wl: Workload) -> dict[str, Any]:
     return {k: v for k, v in wl.options.items() if k in ("top_k", "min_strength", "exclude_special_tokens")}
 
 
-class _Caller:
+class Caller:
     """One worker's client and its prepared requests."""
 
     def __init__(self, protocol: str, url: str, wl: Workload, texts: list[str], json_outputs: bool) -> None:
@@ -100,7 +100,7 @@ def run(protocol: str, url: str, workload: str, concurrency: int, duration: floa
         caller = None
         try:
             # Made in the thread that uses it: tritonclient.http's gevent hub is per thread.
-            caller = _Caller(protocol, url, wl, texts[k::concurrency], json_outputs)
+            caller = Caller(protocol, url, wl, texts[k::concurrency], json_outputs)
             caller.call(0)  # connect
             start.wait()
             i = 1

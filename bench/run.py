@@ -1,6 +1,8 @@
 """`make bench`: the service against in-process ONNX Runtime and HF transformers,
-measured side by side in one run on the real model. Prints a markdown table
-with the ratios, writes bench/results/latest.json and latest.png."""
+measured side by side in one run on the real model; then the Open Inference
+Protocol over HTTP against gRPC, and tracing on against off, each in interleaved
+rounds (bench.compare). Prints a markdown report with the ratios, writes
+bench/results/latest.json, latest.md and latest.png."""
 
 from __future__ import annotations
 
@@ -70,9 +72,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds of the http and tracing comparisons")
     parser.add_argument("--round-seconds", type=float, default=3.0,
-                        help="seconds per measurement in those rounds (the small HTTP workload: half)")
+                        help="seconds per measurement in those rounds")
     parser.add_argument("--quick", action="store_true",
-                        help="a shorter run: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+                        help="a shorter run: --duration 2 --baseline-seconds 1 --concurrency 1 8 --no-hf --no-sweep "
+                        "--rounds 3 --round-seconds 2 (flags given as well win)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json/.md/.png")
     args = parser.parse_args()
     if args.quick:  # flags given explicitly still win
@@ -82,7 +85,7 @@ def main() -> int:
     tune_malloc()  # this process is the client of the length sweep (see attention_client.memory)
     started = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M")
-    out: dict[str, Any] = {"machine": machine(), "date": date, "dates": {}}
+    out: dict[str, Any] = {"machine": machine(), "date": date, "dates": {}, "machines": {}}
     previous = args.out / "latest.json"
     if set(run) != set(SECTIONS) and previous.exists():
         kept = json.loads(previous.read_text())
@@ -90,6 +93,7 @@ def main() -> int:
             if name not in run and all(k in kept for k in SECTION_KEYS[name]):
                 out.update({k: kept[k] for k in SECTION_KEYS[name]})
                 out["dates"][name] = kept.get("dates", {}).get(name, kept["date"])
+                out["machines"][name] = kept.get("machines", {}).get(name, kept["machine"])
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -104,6 +108,7 @@ def main() -> int:
         out["tracing"] = compare.tracing_cost(args.rounds, args.round_seconds, log)
     for name in run:
         out["dates"][name] = date
+        out["machines"][name] = out["machine"]
     out["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -225,8 +230,13 @@ def ratios(out: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(out: dict[str, Any]) -> str:
-    dates = out.get("dates") or {name: out["date"] for name in SECTIONS if SECTION_KEYS[name][0] in out}
-    lines = [f"Measured on {out['machine']}: " + ", ".join(f"{n} {d}" for n, d in dates.items()) + "."]
+    present = [name for name in SECTIONS if out.get(SECTION_KEYS[name][0])]
+    dates = {name: out.get("dates", {}).get(name, out["date"]) for name in present}
+    machines = {name: out.get("machines", {}).get(name, out["machine"]) for name in present}
+    runs: dict[tuple[str, str], list[str]] = {}
+    for name in present:  # the sections of each run, in order
+        runs.setdefault((dates[name], machines[name]), []).append(name)
+    lines = ["Measured: " + "; ".join(f"{', '.join(names)} {d} on {m}" for (d, m), names in runs.items()) + "."]
     if out.get("service"):
         lines += _service_markdown(out, dates["service"])
     if out.get("sweep"):
@@ -277,51 +287,63 @@ def _spread(s: dict[str, float] | None, digits: int = 1) -> str:
 
 def _rounds_markdown(section: dict[str, Any]) -> list[str]:
     loads = section["loadavg"]
-    return ["", f"{section['rounds']} interleaved rounds, the order of A and B alternating; every figure is the "
-            "median over the rounds with the range (min-max) in brackets. Load average (1, 5, 15 min) at the "
-            f"start: {loads[0]}; at each round: {'; '.join(loads[1:-1])}; at the end: {loads[-1]}."]
+    after = " after a warm-up round" if section.get("warm_up_round", True) else ""
+    return ["", f"{section['rounds']} rounds{after}; each figure is the median over the rounds, the "
+            f"range (min-max) in brackets. Load average (1, 5, 15 min) at the start: {loads[0]}; at each round: "
+            f"{'; '.join(loads[1:-1])}; at the end: {loads[-1]}."]
 
 
 def _ratios_markdown(ratios: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["", "| ratio, within each round | median | min-max | per round |", "|---|---:|---:|---|"]
     for name, r in ratios.items():
+        if r["median"] is None:
+            lines.append(f"| {name} | - | - | |")
+            continue
         lines.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['per_round'])} |")
+                     f"{', '.join('-' if x is None else f'{x:.2f}' for x in r['per_round'])} |")
     return lines
 
 
 def _http_markdown(http: dict[str, Any], date: str) -> list[str]:
-    secs = http["seconds_per_run"]
     lines = ["", f"## Open Inference Protocol: HTTP/REST against gRPC ({date})", "",
-             "One server; tritonclient.grpc and tritonclient.http, one client object per calling thread; text in, "
-             "`last_hidden_state` and `attentions` out (float32). heavy: 8 callers x 1 x 128 tokens "
-             f"({secs['heavy']} s a run); small: 1 caller x 1 x 16 tokens ({secs['small']} s a run). HTTP outputs "
-             "as binary tensor data, or as JSON numbers. CPU per call: the server process's, and the load "
-             "generator's."]
+             "One server; tritonclient.grpc and tritonclient.http (binary outputs; JSON numbers where said), text "
+             "in, `last_hidden_state` and `attentions` out (float32). heavy: 8 threads x 1 x 128 tokens, one client "
+             f"object each, a run of {http['seconds_per_run']} s per transport in each round, in alternating order; "
+             "then 4 threads of each at the same time (`shared`, no server CPU per call: it serves both). "
+             "small: 1 x 16 tokens, one caller taking the three clients in turn call by call "
+             f"({http['seconds_per_run']} s a round), its server CPU counted within each client's calls. CPU per "
+             "call: the server process's, and the load generator's."]
     lines += _rounds_markdown(http)
     lines += ["", "| workload | protocol | outputs | callers | seq/s | p50 ms | p99 ms | server CPU ms/call | "
               "client CPU ms/call |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in http["summary"].items():
         r = http["runs"][name][0]
-        lines.append(f"| {r['workload']} | {r['protocol']} | {r['outputs']} | {r['concurrency']} | {_spread(s['rps'])} "
-                     f"| {_spread(s['p50_ms'])} | {_spread(s['p99_ms'])} | {_spread(s['server_cpu_ms_per_call'])} | "
-                     f"{_spread(s.get('client_cpu_ms_per_call'))} |")
+        shared = " (shared)" if name.endswith("_shared") else ""
+        lines.append(f"| {r['workload']} | {r['protocol']}{shared} | {r['outputs']} | {r['concurrency']} | "
+                     f"{_spread(s.get('rps'))} | {_spread(s['p50_ms'])} | {_spread(s['p99_ms'])} | "
+                     f"{_spread(s.get('server_cpu_ms_per_call'))} | {_spread(s.get('client_cpu_ms_per_call'), 2)} |")
     return lines + _ratios_markdown(http["ratios"])
 
 
 def _tracing_markdown(tracing: dict[str, Any], date: str) -> list[str]:
     exported = tracing["exported"]
     lines = ["", f"## Tracing off and on ({date})", "",
-             f"Two servers side by side, the same but for tracing: {tracing['exporter']}. Load through the client SDK "
-             f"({tracing['seconds_per_run']} s a run). The traced server exported {exported['spans']} spans in "
-             f"{exported['exports']} exports for {exported['traced_calls']} calls "
-             f"({exported['spans_per_call']:.2f} spans a call); the sink used {exported['cpu_seconds']:.1f} s of CPU."]
+             "Three servers side by side, the same but for tracing (off, on, off2), new ones in each round, "
+             f"started in an order that rotates: {tracing['exporter']}. Through the client SDK. short: one caller "
+             f"taking the three in turn, call by call ({tracing['seconds_per_run']} s a round). heavy: 8 callers, a "
+             f"run of {tracing['seconds_per_run']} s per server in each round, in the order they started. On / off "
+             "is on over the geometric mean of off and off2; the control compares those two. Server CPU per call: "
+             "over the whole run, background "
+             f"export included. The traced server exported {exported['spans']} spans in {exported['exports']} "
+             f"exports for {exported['traced_calls']} calls ({exported['spans_per_call']:.2f} spans a call); the "
+             f"sink used {exported['cpu_seconds']:.1f} s of CPU."]
     lines += _rounds_markdown(tracing)
     lines += ["", "| workload | clients | tracing | seq/s | p50 ms | p99 ms | server CPU ms/call |",
               "|---|---:|---|---:|---:|---:|---:|"]
     for name, s in tracing["summary"].items():
         r = tracing["runs"][name][0]
-        lines.append(f"| {r['workload']} | {r['concurrency']} | {name.rsplit('_', 1)[1]} | {_spread(s['rps'])} | "
+        tracing_label = name.rsplit("_", 1)[1]
+        lines.append(f"| {r['workload']} | {r['concurrency']} | {tracing_label} | {_spread(s.get('rps'))} | "
                      f"{_spread(s['p50_ms'], 2)} | {_spread(s['p99_ms'], 2)} | "
                      f"{_spread(s['server_cpu_ms_per_call'], 2)} |")
     return lines + _ratios_markdown(tracing["ratios"])

@@ -15,6 +15,13 @@ from bench.workloads import ROOT
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (all its threads; 10 ms steps)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 class Server:
     """`attention-server` on port 0 (gRPC), and on another free port for HTTP when
     `http` is set. `env` is added to this process's environment, from which every
@@ -53,10 +60,7 @@ class Server:
         return rss_kib(str(self.proc.pid))
 
     def cpu_seconds(self) -> float:
-        """User + system CPU the server process has used so far (all its threads)."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return process_cpu_seconds(self.proc.pid)
 
     def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:

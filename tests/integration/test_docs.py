@@ -46,7 +46,7 @@ README_LIMIT = 12 * 1024
 """Bytes: README.md says what the service is and links the rest (docs/)."""
 
 VENV_BIN = Path(sys.executable).parent
-EXTERNAL_FLAGS = {"--build", "--dry-run", "--from-file"}
+EXTERNAL_FLAGS = {"--build", "--dry-run", "--from-file", "--prune"}
 """Flags the docs show for other tools (docker compose, kubectl)."""
 
 
