@@ -27,7 +27,7 @@ ARGS ?=
 # `make lock LOCK_ARGS="--upgrade-package grpcio"` moves one package; nothing moves otherwise.
 LOCK_ARGS ?=
 
-.PHONY: serve serve-ready serve-check test install dev exporter model browser proto proto-check lint lock bench soak fuzz clean
+.PHONY: serve serve-ready serve-check test install dev exporter model browser nginx proto proto-check lint lock bench soak fuzz clean
 
 serve: ## run the server on the default model (port 50051)
 	@$(MAKE) --no-print-directory -j2 serve-ready
@@ -39,7 +39,7 @@ serve-ready: $(VENV)/.installed model
 	@:
 
 test: EXPORTER := $(DEV_VENV)
-test: $(DEV_VENV)/.installed model browser ## run every test (unit + integration against a real server, a real browser)
+test: $(DEV_VENV)/.installed model browser nginx ## run every test (unit + integration against a real server, a real browser)
 	$(DEV_BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed ## the serving environment only
@@ -92,6 +92,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser: ## Debian's chromium and chromedriver, for the head view and explorer tests
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver )
+
+# The test runs nginx itself, as any user, with its own config (deploy/nginx/). The
+# package's own service (port 80, started where an init system runs) is not used.
+nginx: ## Debian's nginx, for the gRPC load-balancer test (tests/integration/test_replicas.py)
+	@PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx )
 
 # Only when the model is missing (or the exporter changed): the exporter's venv is
 # built here, not as a prerequisite, so a server with its model never needs torch.

@@ -1,16 +1,24 @@
 """Channel and call credentials for both clients (and attention-healthcheck):
-TLS roots, a client certificate for mutual TLS, and a bearer token."""
+TLS roots, a client certificate for mutual TLS, and a bearer token. And the
+channel options both clients open their channel with: message sizes and the
+service config that balances calls over every address of the target and retries
+the idempotent calls a replica going away failed."""
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+
+from ._proto.attention.v1 import attention_pb2 as pb
 
 PemSource = bytes | str | os.PathLike[str]
 """PEM bytes, PEM text (a str starting with -----BEGIN), or the path of a PEM file."""
@@ -85,13 +93,20 @@ def resolve_token(token: str | None) -> str | None:
 
 
 def is_loopback(target: str) -> bool:
-    """True for a gRPC target on this machine (localhost, 127.0.0.0/8, ::1, a unix socket)."""
+    """True for a gRPC target on this machine (localhost, 127.0.0.0/8, ::1, a unix socket);
+    for a list of addresses (`ipv4:a:1,b:2`), when every one is."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if target.startswith(scheme):
-            target = target[len(scheme):]
-            break
+    if target.startswith(("ipv4:", "ipv6:")):
+        return all(_is_loopback_address(address) for address in target[5:].split(","))
+    if target.startswith("dns://"):  # dns:///name:port, or dns://resolver/name:port
+        target = target[len("dns://"):].split("/", 1)[-1]
+    elif target.startswith("dns:"):
+        target = target[len("dns:"):]
+    return _is_loopback_address(target)
+
+
+def _is_loopback_address(target: str) -> bool:
     if target.startswith("["):
         host = target[1:].split("]", 1)[0]
     elif target.count(":") == 1:
@@ -147,3 +162,70 @@ def channel_security(
     if bearer is not None:
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(bearer))
     return ChannelSecurity(credentials)
+
+
+# -- channel options ----------------------------------------------------------------------------
+
+SERVICE = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
+
+RETRIED_METHODS = ("Analyze", "AnalyzeStream", "ListModels", "GetModel")
+"""Every attention.v1 method: each only reads, so sending it again is safe."""
+
+RETRY_POLICY: dict[str, Any] = {
+    # gRPC caps attempts at 5. Between attempts it waits a random time up to 0.1, 0.2, 0.4, 0.8 s.
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    # UNAVAILABLE: the replica is down, restarting, or refused the call while draining. CANCELLED
+    # from the server: gRPC cancels calls that reach a server in the instant it shuts down
+    # (grpc/grpc#41785). A call this process cancels, or whose deadline passed, is never retried;
+    # nor INVALID_ARGUMENT, RESOURCE_EXHAUSTED or any other status.
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+}
+"""gRPC's retry policy for RETRIED_METHODS. It applies until the server has answered: a unary
+call until its reply, a stream until its first result (then the call is committed)."""
+
+MAX_RETRIED_REQUEST_BYTES = 16 << 20
+"""A request up to this size is kept for a retry (the server's default --max-request-bytes);
+gRPC's own default keeps 256 KiB and sends a larger request once."""
+
+DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    # Responses carry full attention matrices: lift gRPC's 4 MB receive default.
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.per_rpc_retry_buffer_size", MAX_RETRIED_REQUEST_BYTES),
+    # An address that refuses connections is tried again after a backoff that gRPC grows to 120 s;
+    # 5 s here, so a replica back on its address gets calls within seconds however long it was down.
+    ("grpc.max_reconnect_backoff_ms", 5000),
+)
+
+
+def service_config(*, round_robin: bool = True) -> dict[str, Any]:
+    """The gRPC service config the clients set by default (as the `grpc.service_config` channel
+    option): `round_robin` over every address the target resolves to (`dns:///` a headless
+    Service's pods, `ipv4:a:1,b:2` each address; one address is one connection, as before),
+    and RETRY_POLICY for RETRIED_METHODS. A target's resolver may bring its own config
+    (a DNS TXT record), which then wins."""
+    config: dict[str, Any] = {
+        "methodConfig": [{
+            "name": [{"service": SERVICE, "method": method} for method in RETRIED_METHODS],
+            "retryPolicy": RETRY_POLICY,
+        }],
+    }
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    return config
+
+
+def channel_options(options: Iterable[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    """The caller's channel options, then the SDK's for every key the caller did not set (gRPC
+    takes the first of a repeated key). A caller's `grpc.service_config` replaces the SDK's
+    whole; a caller's `grpc.lb_policy_name` keeps the SDK's retries but not its round_robin (a
+    service config's balancing would outrank the option); `("grpc.enable_retries", 0)` turns
+    retries off."""
+    given = list(options or [])
+    keys = {key for key, _ in given}
+    ours = [*DEFAULT_OPTIONS, ("grpc.service_config",
+                               json.dumps(service_config(round_robin="grpc.lb_policy_name" not in keys)))]
+    return [*given, *((key, value) for key, value in ours if key not in keys)]

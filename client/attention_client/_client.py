@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from ._channel import ChannelSecurity, PemSource, channel_security
+from ._channel import ChannelSecurity, PemSource, channel_options, channel_security
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 from ._request import (
@@ -31,26 +31,23 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
 ANALYZE = f"/{_SERVICE}/Analyze"
 ANALYZE_STREAM = f"/{_SERVICE}/AnalyzeStream"
 
-# Responses carry full attention matrices: lift gRPC's 4 MB receive default.
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", 2**31 - 1),
-    ("grpc.max_send_message_length", 64 << 20),
-]
-
-
 class _CallDefaults:
-    """timeout and metadata set on the client, overridable per call."""
+    """timeout, metadata and wait_for_ready set on the client; timeout and metadata overridable per call."""
 
     timeout: float | None
     metadata: tuple[tuple[str, str], ...]
+    wait_for_ready: bool = False
     _security: ChannelSecurity = ChannelSecurity()
 
     def _kw(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
         check_timeout(timeout)
-        return {
+        kw: dict[str, Any] = {
             "timeout": self.timeout if timeout is None else timeout,
             "metadata": self._security.with_call_metadata(self.metadata if metadata is None else tuple(metadata)),
         }
+        if self.wait_for_ready:  # else the service config decides (fail fast unless it says waitForReady)
+            kw["wait_for_ready"] = True
+        return kw
 
 
 def _decode_failed(exc: TensorError) -> InternalError:
@@ -83,6 +80,19 @@ class AttentionClient(_CallDefaults):
     the token travels as gRPC call credentials. Over plaintext (gRPC refuses call
     credentials there) it is added as call metadata instead: meant for a server on
     this machine, it warns for any other target, since anyone on the path can read it.
+
+    Targets and balancing: `target` is any gRPC target: `host:port`, `dns:///name:port`
+    (every address the name resolves to, e.g. a Kubernetes headless Service's pods),
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`, `unix:/path`. Calls are spread over all the
+    addresses with `round_robin`, and Analyze, AnalyzeStream (until its first result),
+    ListModels and GetModel are retried on UNAVAILABLE (a replica down or draining; also
+    CANCELLED from a server shutting down) with backoff, up to 5 attempts within the call's
+    timeout; never on INVALID_ARGUMENT, RESOURCE_EXHAUSTED or a deadline. `wait_for_ready=True`
+    makes calls wait, up to their timeout, for a replica to be reachable instead of failing
+    at once with UNAVAILABLE.
+    `options` are gRPC channel options; each one given replaces the SDK's for its key (e.g.
+    `("grpc.service_config", json_text)`, `("grpc.lb_policy_name", "pick_first")`,
+    `("grpc.enable_retries", 0)`).
     """
 
     def __init__(
@@ -98,12 +108,14 @@ class AttentionClient(_CallDefaults):
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
+        wait_for_ready: bool = False,
     ) -> None:
         check_timeout(timeout)
         self._security = channel_security(
             target, root_certificates=root_certificates, certificate_chain=certificate_chain,
             private_key=private_key, tls=tls, token=token, credentials=credentials)
-        opts = CHANNEL_OPTIONS + list(options or [])
+        self.wait_for_ready = wait_for_ready
+        opts = channel_options(options)
         creds = self._security.credentials
         self._channel = grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
         self._stub = pb_grpc.AttentionServiceStub(self._channel)

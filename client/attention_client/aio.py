@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from ._channel import PemSource, channel_security
-from ._client import ANALYZE, ANALYZE_STREAM, CHANNEL_OPTIONS, Metadata, _CallDefaults, _decode_failed
+from ._channel import PemSource, channel_options, channel_security
+from ._client import ANALYZE, ANALYZE_STREAM, Metadata, _CallDefaults, _decode_failed
 from ._proto.attention.v1 import attention_pb2 as pb
 from ._proto.attention.v1 import attention_pb2_grpc as pb_grpc
 from ._request import (
@@ -29,8 +29,9 @@ from .tensors import TensorError
 class AsyncAttentionClient(_CallDefaults):
     """asyncio twin of AttentionClient (grpc.aio). Use `async with`, or await close().
 
-    Takes the same arguments as AttentionClient, TLS, mutual TLS and `token`
-    ($ATTENTION_TOKEN when None) included, and raises the same errors; see its docstring.
+    Takes the same arguments as AttentionClient, TLS, mutual TLS, `token`
+    ($ATTENTION_TOKEN when None), any gRPC target with round_robin and retries, `options`
+    and `wait_for_ready` included, and raises the same errors; see its docstring.
     """
 
     def __init__(
@@ -46,12 +47,14 @@ class AsyncAttentionClient(_CallDefaults):
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
+        wait_for_ready: bool = False,
     ) -> None:
         check_timeout(timeout)
         self._security = channel_security(
             target, root_certificates=root_certificates, certificate_chain=certificate_chain,
             private_key=private_key, tls=tls, token=token, credentials=credentials)
-        opts = CHANNEL_OPTIONS + list(options or [])
+        self.wait_for_ready = wait_for_ready
+        opts = channel_options(options)
         creds = self._security.credentials
         self._channel = (
             grpc.aio.secure_channel(target, creds, opts) if creds else grpc.aio.insecure_channel(target, opts)

@@ -49,8 +49,16 @@ FALLBACK_BATCH = 32
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-client", description="Client for the attention service.")
     parser.add_argument("--target", default=os.environ.get("ATTENTION_TARGET", "localhost:50051"),
-                        help="server address (default: $ATTENTION_TARGET or localhost:50051)")
+                        help="server address, any gRPC target: host:port, dns:///name:port, "
+                             "ipv4:10.0.0.1:50051,10.0.0.2:50051, unix:PATH; calls are spread over every address "
+                             "it resolves to and retried on another when one is down "
+                             "(default: $ATTENTION_TARGET or localhost:50051)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
+    parser.add_argument("--wait-for-ready", action="store_true",
+                        help="when no server is reachable, wait for one (up to --timeout) instead of failing at once")
+    parser.add_argument("--authority", metavar="NAME",
+                        help="the server name for TLS and the :authority header (default: the target's host); "
+                             "needed with TLS when --target is a list of addresses (ipv4:...)")
     security = parser.add_argument_group(
         "security", "TLS when any of --tls, --ca-file, --cert-file, --key-file is given; plaintext otherwise")
     security.add_argument("--tls", action="store_true",
@@ -140,7 +148,9 @@ def _open_client(args: argparse.Namespace) -> AttentionClient:
         raise ValueError("--cert-file and --key-file go together (a client certificate and its key)")
     return AttentionClient(args.target, timeout=args.timeout, root_certificates=read_pem(args.ca_file, "--ca-file"),
                            certificate_chain=read_pem(args.cert_file, "--cert-file"),
-                           private_key=read_pem(args.key_file, "--key-file"), tls=args.tls, token=_token(args))
+                           private_key=read_pem(args.key_file, "--key-file"), tls=args.tls, token=_token(args),
+                           wait_for_ready=args.wait_for_ready,
+                           options=[("grpc.default_authority", args.authority)] if args.authority else None)
 
 
 def _say(exc: Exception) -> str:

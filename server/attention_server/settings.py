@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     """Strikes before the server closes the connection with GOAWAY (too_many_pings); 0 = no limit."""
     max_connection_idle: float = Field(300.0, ge=0)
     """Seconds a connection without calls stays open (it reconnects on its next call); 0 = no limit."""
+    max_connection_age: float = Field(300.0, ge=0)
+    """Seconds a client connection may live (gRPC adds +-10% jitter); then the server sends GOAWAY and the
+    client reconnects, re-resolving its target, so long-lived clients spread over replicas added since (behind
+    an L4 balancer or a headless Service). Calls in flight go on; 0 = no limit."""
+    max_connection_age_grace: float = Field(120.0, ge=0)
+    """Seconds the calls in flight on a connection past max_connection_age get to finish before it is closed
+    (calls still running then are cancelled); 0 = no limit."""
     intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime threads of the wide session (a lone batch on an idle server); 0 = one per core."""
     instances: int = Field(0, ge=0)
@@ -95,6 +102,12 @@ class Settings(BaseSettings):
     http_keepalive_timeout: float = Field(15.0, gt=0)
     """Seconds an idle HTTP keep-alive connection stays open, and a client has to send a request's line and
     headers (which must fit in max_metadata_kib, else 431)."""
+    http_body_timeout: float = Field(60.0, gt=0)
+    """Seconds a client has to send a request's whole body once its headers are in; then 408 and the
+    connection is closed."""
+    http_write_timeout: float = Field(60.0, gt=0)
+    """Seconds a reply may wait for the client to read the part of it sent before; then the connection
+    is closed (a caller that stops reading holds its share of the result budget at most this long)."""
     metrics_host: str = "0.0.0.0"
     """Address of the Prometheus endpoint (plain HTTP). With TLS on and this not set, 127.0.0.1."""
     metrics_port: int = Field(8002, ge=-1, le=65535)

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from ..http_api.app import Calls, build_app
+from ..http_api.responses import quiet_slow_readers
 from ..http_api.server import HttpServer
 from ..http_api.tls import server_context
 from ..metrics import Metrics
@@ -132,6 +133,8 @@ class AttentionServer:
         if self.http is not None:
             self._http_app, self.http_calls = build_app(self.attention, self.inference, self.metrics, self.tokens,
                                                         self.settings.max_request_bytes, self.tracing)
+            self._http_app.state.write_timeout = self.settings.http_write_timeout
+            quiet_slow_readers()
         kpb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.inference, self.settings.max_stream_inflight), self.grpc)
 
@@ -141,7 +144,7 @@ class AttentionServer:
             await self.http.start(self._http_app)
         loop = asyncio.get_running_loop()
         if self.settings.tune_malloc:  # the tuned heap keeps freed buffers: trim it when quiet
-            self._trim = loop.create_task(trim_when_idle(self.interceptor), name="trim-heap")
+            self._trim = loop.create_task(trim_when_idle(self), name="trim-heap")
         self._unsubscribe = self.engine.repository.subscribe(
             lambda name, loaded: self._repository_changed(loop, name))
         await self._update_health()
@@ -182,10 +185,11 @@ class AttentionServer:
     # -- shutdown -------------------------------------------------------------------
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain, then close. Every health name turns NOT_SERVING (load balancers stop
-        sending; probes keep getting that answer), new work gets UNAVAILABLE, and the
-        listener stays open while calls in flight finish, for up to `grace` seconds
-        (the grace period by default); calls still running then are cancelled.
+        """Drain, then close. Every health name turns NOT_SERVING (watchers are told), every
+        gRPC connection gets GOAWAY and the gRPC listener closes, so clients send their next
+        calls to other replicas; new work that still arrives gets UNAVAILABLE. Calls in flight
+        finish, for up to `grace` seconds (the grace period by default), on their connections
+        and on the HTTP port, which stays open until then; calls still running are cancelled.
         A second call waits for the first drain."""
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self._drain_and_close(grace))
@@ -201,18 +205,21 @@ class AttentionServer:
             self._unsubscribe()
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
+        # GOAWAY now, not once the calls in flight are done: a client's next calls go to other replicas
+        # at once (a connection that got GOAWAY and cannot reconnect leaves round_robin), where an open
+        # listener would take its reconnect and refuse its calls for as long as the longest call runs.
+        # grpc.aio closes the listener in the same step; calls in flight go on.
+        grpc_stopped = asyncio.ensure_future(self.grpc.stop(grace))
         in_flight = self.active_calls
         if in_flight:
             log.info("draining: %d call(s) in flight, waiting up to %.1f s", in_flight, grace)
-            idle = await asyncio.gather(self.interceptor.wait_idle(grace), *(
-                [self.http_calls.wait_idle(grace)] if self.http_calls is not None else []))
-            if not (grace > 0 and all(idle)):
+            if not (grace > 0 and await self.wait_idle(grace)):
                 log.warning("grace period of %.1f s over with %d call(s) still in flight; cancelling them",
                             grace, self.active_calls)
         closing = min(max(deadline - loop.time(), 0.0), CLOSING_GRACE)
         # An HTTP reply the app has handed over may still be on its way to a slow reader:
         # uvicorn keeps such connections for what is left of the grace period.
-        await asyncio.gather(self.grpc.stop(closing), *(
+        await asyncio.gather(self._grpc_closed(grpc_stopped, closing, deadline), *(
             [self.http.stop(max(deadline - loop.time(), closing))] if self.http is not None else []))
         await self.engine.close()
         for task in [*self._health_updates, *([self._trim] if self._trim else [])]:
@@ -220,10 +227,33 @@ class AttentionServer:
         self.close_metrics()
         await asyncio.to_thread(self.tracing.close)  # every batch has ended: its spans go out too
 
+    async def _grpc_closed(self, stopped: asyncio.Future[None], closing: float, deadline: float) -> None:
+        """Wait for the gRPC server's stop; what is still open on it once the calls in flight are done
+        (health watchers, a call that arrived as it stopped) gets `closing` seconds, then is cancelled.
+        grpcio can crash when two stop(grace) calls time out together: the second one is stop(None)
+        (cancel now), made only while the first still waits and well before its grace ends."""
+        loop = asyncio.get_running_loop()
+        if deadline - loop.time() > closing + CLOSING_GRACE:
+            await asyncio.wait([stopped], timeout=closing)
+            if not stopped.done():
+                await self.grpc.stop(None)
+        await stopped
+
     @property
     def active_calls(self) -> int:
         """Calls in flight on both ports, health checks excepted."""
         return self.interceptor.active_calls + (self.http_calls.active if self.http_calls is not None else 0)
+
+    @property
+    def completed(self) -> int:
+        """Calls ended on both ports, health checks excepted, ever."""
+        return self.interceptor.completed + (self.http_calls.completed if self.http_calls is not None else 0)
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no call is in flight on either port; False on timeout."""
+        waits = [self.interceptor.wait_idle(timeout),
+                 *([self.http_calls.wait_idle(timeout)] if self.http_calls is not None else [])]
+        return all(await asyncio.gather(*waits))
 
     @property
     def http_port(self) -> int | None:

@@ -1,7 +1,7 @@
 """The gRPC server's transport limits, from the settings: message sizes, HTTP/2
 streams per connection, metadata size, keepalive in both directions, idle
 connections. Each one is a bound a hostile or careless client would otherwise
-set for us."""
+set for us. And a maximum connection age, so clients re-spread over replicas."""
 
 from __future__ import annotations
 
@@ -31,4 +31,10 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
     if settings.max_connection_idle > 0:
         options.append(("grpc.max_connection_idle_ms", int(settings.max_connection_idle * ms)))
+    # A connection older than this gets GOAWAY: its client reconnects and re-resolves (a client behind an
+    # L4 balancer lands on any replica, one on a headless Service sees replicas added since).
+    if settings.max_connection_age > 0:
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age * ms)))
+        if settings.max_connection_age_grace > 0:
+            options.append(("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace * ms)))
     return options

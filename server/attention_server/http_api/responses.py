@@ -117,7 +117,11 @@ class LinesResponse(Response):
     gives back what its stream holds at once)."""
 
     def __init__(self, lines: AsyncIterator[bytes], media_type: str) -> None:
-        super().__init__(None, 200, None, media_type)
+        # No body, so no Content-Length: uvicorn sends it chunked.
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(None)
         self.lines = lines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
