@@ -87,6 +87,45 @@ def test_many_token_ids_are_refused_before_any_work(server):
     _still_serving(server)
 
 
+def _raw_call(method: str, body: bytes):
+    def call(channel: grpc.Channel) -> tuple[str, str]:
+        channel.unary_unary(method)(body, timeout=120)
+        return "OK", ""
+    return call
+
+
+def _empty_texts(rows: int, elements: int) -> bytes:
+    """ModelInfer of a `text` input of shape [rows, 1] holding `elements` empty strings."""
+    request = kpb.ModelInferRequest(model_name="minilm-l6", inputs=[kpb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[rows, 1])], raw_input_contents=[b"\0\0\0\0" * elements])
+    return request.SerializeToString()
+
+
+def test_many_sequences_are_refused_before_any_is_converted(server):
+    # Before: 8,388,508 empty sequences (a 16 MiB message) took 32.9 s, held the event loop 32 s
+    # (health probes stalled) and +1.7 GB: each was converted before the engine counted them.
+    out = hostile.measure(server, "sequences", _raw_call(hostile.ANALYZE, b"\x12\x00" * 8_388_508))
+    assert out.code == "INVALID_ARGUMENT", out
+    assert "sequences: 8388508 sequences exceed the limit of 64 per request" in out.details, out
+    # What is left is parsing the message itself (gRPC's deserializer: ~0.6 s and ~650 MB for 8 M messages).
+    assert out.seconds < 5 and out.health_worst_ms < 2500, out
+    _still_serving(server)
+
+
+@pytest.mark.parametrize(("rows", "elements", "words"), [
+    (4_000_000, 4_000_000, "shape [4000000, 1]: a batch of 4000000 rows; this server takes 1 to 64"),
+    (1, 4_000_000, "BYTES contents hold more than the shape's 1 elements"),
+], ids=["batch", "elements"])
+def test_a_huge_batch_of_texts_is_refused_from_its_shape(server, rows, elements, words):
+    # Before: 4 M empty strings (16 MiB) took 18.8 s, 18.4 s of it holding the event loop: every
+    # string was split off before the batch was counted.
+    out = hostile.measure(server, "texts", _raw_call(hostile.MODEL_INFER, _empty_texts(rows, elements)))
+    assert out.code == "INVALID_ARGUMENT" and words in out.details, out
+    assert out.seconds < 5 and out.health_worst_ms < 1000, out
+    assert out.peak_growth_mib < 128, out  # the 16 MiB message, parsed, and no more
+    _still_serving(server)
+
+
 def test_six_16_mib_texts_at_once_stay_under_1_gib_and_health_answers(server):
     # Before: one 16 MiB text took 16.8 s and 5.6 GB; three in a row failed 12 of 25 health probes.
     out = hostile.measure(server, "6 texts", hostile.concurrently([hostile.long_text() for _ in range(6)]))

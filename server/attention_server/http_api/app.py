@@ -3,6 +3,16 @@ that does for every request what the gRPC interceptors do for every call:
 
 - a 503 for requests on connections over http_max_connections (marked OVER_LIMIT
   by the protocol, server.py), health excepted;
+- a 403 for a request whose `Origin` is not the server's own (scheme://Host):
+  browsers send it with every cross-origin POST, so no web page elsewhere can
+  call this server from its visitors' browsers (unload a model, use their
+  network position); clients other than browsers send no Origin;
+- the request body read within `http_body_timeout` of the headers (408), and the
+  connection closed after a reply sent before the body was read to its end (a
+  413, a 404) rather than the rest of a declared body read and thrown away;
+- `X-Content-Type-Options: nosniff` on every reply; the explorer page may not be
+  framed and runs under a Content-Security-Policy (its own inline script and
+  style, calls to this origin only);
 - a request id (the caller's `x-request-id` when it is of a safe charset and
   length, else a new one), set for the log lines and echoed in the response;
 - bearer tokens and roles (tokens.py; the repository routes need `admin`,
@@ -27,7 +37,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Code, PermissionDenied, Unauthenticated, Unavailable
+from ..errors import Code, PermissionDenied, Unauthenticated, Unavailable, quote
 from ..logs import caller_role, request_id
 from ..metrics import Metrics
 from ..services.attention import AttentionService
@@ -35,7 +45,7 @@ from ..services.inference import InferenceService
 from ..tokens import TokenStore, bearer_token
 from ..tracing import CallSpan, Tracing, carrier
 from . import oip, v1
-from .errors import STATUS, error_response, status_for
+from .errors import NOSNIFF, STATUS, BodyTimeout, error_response, status_for
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +53,21 @@ REQUEST_ID = "x-request-id"
 # The same rule as the gRPC interceptor's: anything else is replaced (it ends up in logs).
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
-OPEN_PATHS = HEALTH_PATHS | {"/explore"}
+EXPLORE = "/explore"
+OPEN_PATHS = HEALTH_PATHS | {EXPLORE}
 ADMIN_PREFIX = "/v2/repository/"
 # The ASGI scope extension server.py sets on requests of a connection opened over http_max_connections.
 OVER_LIMIT = "attention.over_limit"
+# The ASGI scope extension server.py sets with http_body_timeout: {"seconds": float}.
+BODY_TIMEOUT = "attention.body_timeout"
+# The explorer page: its inline script and style, fetches to its own origin, no framing, nothing else.
+EXPLORE_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                  b"connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+                                  b"frame-ancestors 'none'"),
+]
+DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 CODE_OF_STATUS = {status: code for code, status in reversed(list(STATUS.items()))} | {413: Code.RESOURCE_EXHAUSTED}
 
 
@@ -54,6 +75,34 @@ def _request_id(value: str | None) -> str:
     if value and len(value) <= 64 and value[0].isalnum() and set(value) <= _SAFE:
         return value
     return uuid.uuid4().hex[:16]
+
+
+def _origin(scheme: str, host: str) -> str:
+    """scheme://host[:port] as browsers write it in `Origin`: lowercase, no default port."""
+    host = host.strip().lower()
+    port = DEFAULT_PORTS.get(scheme)
+    if port and host.endswith(port):
+        host = host.removesuffix(port)
+    return f"{scheme}://{host}"
+
+
+def _check_origin(scope: Scope, headers: dict[bytes, bytes]) -> None:
+    """PERMISSION_DENIED for a request a browser sent from a page of another origin."""
+    given = headers.get(b"origin")
+    if given is None:
+        return
+    own = _origin(scope.get("scheme", "http"), headers.get(b"host", b"").decode("latin-1"))
+    text = given.decode("latin-1")
+    scheme, sep, host = text.partition("://")
+    if sep and _origin(scheme.lower(), host) == own:
+        return
+    raise PermissionDenied(f"cross-origin request refused: Origin {quote(text)} is not this server's own origin "
+                           f"{quote(own)}; browsers may call this server only from the pages it serves")
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    length = headers.get(b"content-length")
+    return b"transfer-encoding" in headers or (length is not None and length.strip() not in (b"", b"0"))
 
 
 def _service_label(path: str) -> str:
@@ -143,14 +192,40 @@ class CallMiddleware:
         status = 500
         code: Code | None = None
         response_started = False
-        over_limit = OVER_LIMIT in scope.get("extensions", {}) and path not in HEALTH_PATHS
+        extensions = scope.get("extensions") or {}
+        over_limit = OVER_LIMIT in extensions and path not in HEALTH_PATHS
+        body_pending = _has_body(headers)  # until its last part is received
+        body_timeout: float | None = extensions.get(BODY_TIMEOUT, {}).get("seconds")
+        # From the start of the call: a pipelined request's body is not read while it waits its turn.
+        body_deadline = None if body_timeout is None else asyncio.get_running_loop().time() + body_timeout
+
+        async def receive_within() -> Message:
+            nonlocal body_pending
+            if not body_pending:
+                return await receive()
+            if body_deadline is None or body_timeout is None:
+                message = await receive()
+            else:
+                try:
+                    async with asyncio.timeout_at(body_deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeout(body_timeout) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_pending = False
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID.encode(), rid.encode())]
+                extra = [(REQUEST_ID.encode(), rid.encode()), NOSNIFF]
+                if path == EXPLORE:
+                    extra += EXPLORE_HEADERS
+                if body_pending:  # answered before the body was read to its end: the rest is not read
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         self.metrics.inflight.labels(service).inc()
@@ -166,8 +241,9 @@ class CallMiddleware:
             if over_limit:
                 raise Unavailable("the server has as many HTTP connections open as it serves at once "
                                   "(http_max_connections); retry")
+            _check_origin(scope, headers)
             self._authorize(scope, path)
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_within, send_with_id)
         except asyncio.CancelledError:
             code = Code.CANCELLED
             log.info("%s: the caller went away before the reply was sent", path)
@@ -178,7 +254,7 @@ class CallMiddleware:
             if response_started:  # a stream broke after its status went out: the connection ends
                 log.warning("%s: failed after the response started: %s", path, message)
                 raise
-            await error_response(status, message, close=over_limit)(scope, receive, send_with_id)
+            await error_response(status, message, close=over_limit)(scope, receive_within, send_with_id)
         finally:
             method = self._method(scope)
             if code is None and status >= 400:
@@ -216,4 +292,7 @@ def build_app(attention: AttentionService, inference: InferenceService, metrics:
                     middleware=[Middleware(CallMiddleware, calls=calls, metrics=metrics, tokens=tokens,
                                            tracing=tracing, routes=routes)],
                     exception_handlers={HTTPException: _http_error})
+    # A path with a trailing slash is a 404 like any other unknown path, not a redirect to a
+    # URL built from the request's Host header.
+    app.router.redirect_slashes = False
     return app, calls

@@ -5,6 +5,7 @@ over services.inference, the same implementation the gRPC port serves."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -14,6 +15,7 @@ from starlette.routing import Route
 
 from ..errors import FieldPath, InvalidArgument, Unavailable, quote
 from ..services.inference import InferenceService
+from ..services.oip_codec import check_shapes
 from . import rest_codec
 from .body import read_body, read_json
 from .messages import plain
@@ -21,8 +23,9 @@ from .responses import JSON, PartsResponse, dumps, json_response
 
 # Requests and responses with more bytes than this are decoded / encoded off the event loop.
 INLINE_JSON_BYTES = 1 << 20
-# Bodies of the repository calls (`{"ready": true}`, `{"parameters": {...}}`).
+# Bodies of the repository calls (`{"ready": true}`, `{"parameters": {...}}`): a fixed limit.
 SMALL_BODY_BYTES = 64 << 10
+SMALL_BODY_LIMIT = "fixed for the repository routes"
 
 
 def _checked(value: Any, allowed: dict[str, type], path: FieldPath = (), why: str = "") -> dict[str, Any]:
@@ -75,16 +78,18 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
 
     async def infer(request: Request) -> Response:
         name, version = model_of(request)
-        service.model(name, version)  # an unknown model is NOT_FOUND before the body is read
-        body = await read_body(request, max_request_bytes)
-        encoding = request.headers.get("content-encoding")
+        model = service.model(name, version)  # an unknown model is NOT_FOUND before the body is read
+        # The inputs' shapes against the limits before any tensor data is converted.
+        check = partial(check_shapes, meta=model.metadata, max_batch_size=service.engine.limits.max_batch_size)
+        body = await read_body(request, max_request_bytes)  # inflated, if it came compressed
         header_length = request.headers.get(rest_codec.HEADER_LENGTH)
-        if len(body) <= INLINE_JSON_BYTES and encoding is None:
-            rest = rest_codec.decode(body, header_length, name, version)
-        else:  # parsing MBs of JSON numbers (or inflating a body) would hold up every other call
-            rest = await asyncio.to_thread(_decode, body, encoding, header_length, name, version, max_request_bytes)
+        if len(body) <= INLINE_JSON_BYTES:
+            rest = rest_codec.decode(body, header_length, name, version, check)
+        else:  # parsing MBs of JSON numbers would hold up every other call
+            rest = await asyncio.to_thread(rest_codec.decode, body, header_length, name, version, check)
         del body
-        response, lease = await service.infer(rest.message, None, rest.size_factor())
+        factor = rest.size_factor()  # JSON outputs: the raw tensors and their JSON are held at once
+        response, lease = await service.infer(rest.message, None, factor, factor + 1 if factor > 1 else 1.0)
         # The body holds its share of the pending-result budget until it is sent (or the caller leaves).
         try:
             raw_bytes = sum(len(r) for r in response.raw_output_contents)
@@ -101,21 +106,28 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
             lease.release()
             raise
 
+    async def small_body(request: Request) -> Any:
+        """A repository call's JSON object; an empty body is the empty object."""
+        doc = await read_json(request, SMALL_BODY_BYTES, SMALL_BODY_LIMIT, allow_empty=True)
+        if not isinstance(doc, dict):
+            raise InvalidArgument("body", f"must be a JSON object, got {quote(doc)}")
+        return doc
+
     async def repository_index(request: Request) -> Response:
-        doc = _checked(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"ready": bool})
+        doc = _checked(await small_body(request), {"ready": bool})
         index = service.repository_index(doc.get("ready", False))
         return Response(dumps(plain(index).get("models", [])), media_type=JSON)
 
     async def load(request: Request) -> Response:
         # tritonclient sends `config` and `file:` parameters only to override the model's files.
-        doc = _checked(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"parameters": dict})
+        doc = _checked(await small_body(request), {"parameters": dict})
         _checked(doc.get("parameters"), {}, ("parameters",), "; a model loads from its folder in the repository")
         await service.load(request.path_params["model"])
         return json_response({})
 
     async def unload(request: Request) -> Response:
         # A model here has no dependents (no ensembles): `unload_dependents` changes nothing.
-        doc = _checked(await read_json(request, SMALL_BODY_BYTES, allow_empty=True), {"parameters": dict})
+        doc = _checked(await small_body(request), {"parameters": dict})
         _checked(doc.get("parameters"), {"unload_dependents": bool}, ("parameters",))
         await service.unload(request.path_params["model"])
         return json_response({})
@@ -140,11 +152,6 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
             Route(f"{base}/infer", infer, methods=["POST"], name="ModelInfer"),
         ]
     return table
-
-
-def _decode(body: bytes, encoding: str | None, header_length: str | None, name: str, version: str,
-            limit: int) -> rest_codec.RestRequest:
-    return rest_codec.decode(rest_codec.decompress(body, encoding, limit), header_length, name, version)
 
 
 def _encode(response: Any, rest: rest_codec.RestRequest) -> tuple[bytes, list[bytes]]:

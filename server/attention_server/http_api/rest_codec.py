@@ -3,29 +3,31 @@
 (services/inference.py). JSON tensors (`data`) and Triton's binary tensor data
 extension: a JSON header of `Inference-Header-Content-Length` bytes followed by
 the tensors' raw bytes, each input's and output's size in its
-`parameters.binary_data_size`. Bodies may come compressed (`Content-Encoding:
-gzip` or `deflate`, as tritonclient.http sends them), within the same size limit.
+`parameters.binary_data_size`. (Compressed bodies are inflated by body.py first.)
 
 Every value a caller sends is checked for its JSON type here and named by its
 path (`inputs[0].shape`); what the values mean (datatypes, shapes against
-contents, limits) is checked by services/oip_codec.py, as for gRPC."""
+contents, limits) is checked by services/oip_codec.py, as for gRPC. The inputs'
+shapes are checked against the model and the limits (`check`) before any
+tensor's data is converted: the work a body causes follows what its shapes may
+hold, never how many elements it sends."""
 
 from __future__ import annotations
 
 import base64
 import math
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from .._proto.inference import grpc_service_pb2 as kpb
-from ..errors import FieldPath, InvalidArgument, TooLarge, quote
+from ..errors import FieldPath, InvalidArgument, quote
 from ..services.oip_codec import MAX_DIMS, NUMPY, decode_bytes, encode_bytes
+from .body import loads
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_SIZE = "binary_data_size"
@@ -45,13 +47,14 @@ MAX_OUTPUTS = 16
 MAX_NAME_CHARS = 256
 # Nested `data` lists deeper than this are refused (a tensor has at most MAX_DIMS).
 MAX_DATA_DEPTH = 32
+# `data` with more elements (or lists) than its shape's count and this many is refused
+# before any element is converted; within it, the conversion names the exact mismatch.
+DATA_SLACK = 1024
 INT64 = (-(1 << 63), (1 << 63) - 1)
 # How many times larger a JSON tensor is than its raw bytes, at most (a float32 as
 # `-0.0012345678,` is 14 characters), for the response size limit.
 JSON_SIZE_FACTOR = 4.0
 _KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
-# Content-Encoding -> zlib's wbits (gzip's header, zlib's header: what "deflate" means in HTTP).
-ENCODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 
 @dataclass
@@ -61,45 +64,11 @@ class RestRequest:
     binary_by_default: bool  # for outputs not named: `binary_data_output`
 
     def size_factor(self) -> float:
-        if self.binary_by_default and all(self.binary_outputs.values()):
+        """1 when every output the reply will carry is binary data, else JSON's factor."""
+        named = self.binary_outputs
+        if all(named.values()) if named else self.binary_by_default:
             return 1.0
         return JSON_SIZE_FACTOR
-
-
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body as sent before its Content-Encoding; TooLarge as soon as it grows
-    over `limit` bytes (a small compressed body can expand a thousandfold)."""
-    name = (encoding or "identity").strip().lower()
-    if name == "identity":
-        return body
-    wbits = ENCODINGS.get(name)
-    if wbits is None:
-        raise InvalidArgument("Content-Encoding", f"{quote(encoding)} is not supported; send gzip, deflate or "
-                              "an uncompressed body")
-    out: list[bytes] = []
-    size = 0
-    data = body
-    try:
-        while data:
-            inflater = zlib.decompressobj(wbits)
-            chunk = inflater.decompress(data, limit + 1 - size)
-            while True:
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"request body is over the {limit} byte limit (max_request_bytes) once "
-                                   f"decompressed ({name}, {len(body)} bytes as sent)")
-                out.append(chunk)
-                if not inflater.unconsumed_tail:
-                    break
-                chunk = inflater.decompress(inflater.unconsumed_tail, limit + 1 - size)
-            if not inflater.eof:
-                raise InvalidArgument("body", f"{name} data ends before its end marker")
-            data = inflater.unused_data if wbits == 31 else b""  # gzip bodies may hold several members
-            if wbits != 31 and inflater.unused_data:
-                raise InvalidArgument("body", f"{len(inflater.unused_data)} bytes after the end of the {name} data")
-    except zlib.error as exc:
-        raise InvalidArgument("body", f"is not valid {name} data ({exc})") from None
-    return b"".join(out)
 
 
 def _type(value: Any, kind: type, path: FieldPath, what: str) -> Any:
@@ -162,6 +131,34 @@ def _shape(value: Any, path: FieldPath) -> list[int]:
     return shape
 
 
+def _check_size(data: Any, shape: list[int], path: FieldPath) -> None:
+    """Refuse `data` holding far more than its shape's elements before any is converted.
+    The walk visits lists, not their elements (an innermost list counts by its length),
+    and stops once past the count and DATA_SLACK: its cost follows the shape, whatever
+    the body holds."""
+    count = math.prod(shape)
+    cap = count + DATA_SLACK
+    elements = lists = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, list):
+            elements += 1
+        else:
+            lists += 1
+            if depth >= MAX_DATA_DEPTH:
+                raise InvalidArgument(path, f"is nested deeper than {MAX_DATA_DEPTH} lists")
+            if len(item) > cap:
+                elements = len(item)
+            elif item and isinstance(item[0], list):
+                stack.extend((child, depth + 1) for child in item)
+            else:
+                elements += len(item)
+        if elements > cap or lists > cap:
+            raise InvalidArgument(path, f"has more than {cap} elements or lists; shape {shape} needs {count} "
+                                  "elements")
+
+
 def _flatten_strings(data: Any, path: FieldPath, limit: int) -> list[bytes]:
     """The strings of a (nested) list in row-major order, without recursion (the
     nesting is the caller's)."""
@@ -184,6 +181,7 @@ def _flatten_strings(data: Any, path: FieldPath, limit: int) -> list[bytes]:
 
 def _json_data(data: Any, datatype: str, shape: list[int], path: FieldPath) -> bytes:
     """A JSON `data` array (flat or nested, row-major) as the tensor's raw bytes."""
+    _check_size(data, shape, path)
     count = math.prod(shape)
     if datatype == "BYTES":
         items = _flatten_strings(data, path, count)
@@ -219,14 +217,15 @@ def _header_length(value: str | None, size: int) -> int | None:
     return int(text)
 
 
-def decode(body: bytes, header_length: str | None, model: str, version: str) -> RestRequest:
-    """A REST inference request body as a ModelInferRequest (all inputs as raw contents)."""
+def decode(body: bytes, header_length: str | None, model: str, version: str,
+           check: Callable[[kpb.ModelInferRequest], None] | None = None) -> RestRequest:
+    """A REST inference request body as a ModelInferRequest (all inputs as raw contents).
+    `check` sees the message with its inputs' names, datatypes and shapes but no contents
+    yet (services.oip_codec.check_shapes: the batch dimension and the positions against
+    the limits), before any tensor data is copied or converted."""
     n = _header_length(header_length, len(body))
     header, binary = (body, memoryview(b"")) if n is None else (body[:n], memoryview(body)[n:])
-    try:
-        doc = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument("body", f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    doc = loads(header)
     _type(doc, dict, ("body",), "a JSON object")
     message = kpb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in doc:
@@ -236,6 +235,7 @@ def decode(body: bytes, header_length: str | None, model: str, version: str) -> 
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise InvalidArgument("inputs", f"has {len(inputs)} tensors; give 1 to {MAX_INPUTS}")
     offset = 0
+    contents: list[tuple[FieldPath, slice | None]] = []  # each input's binary bytes, or None: JSON data
     for i, tensor in enumerate(inputs):
         where: FieldPath = ("inputs", i)
         _type(tensor, dict, where, "an object")
@@ -251,15 +251,23 @@ def decode(body: bytes, header_length: str | None, model: str, version: str) -> 
             if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
                 raise InvalidArgument((*where, "parameters", BINARY_SIZE), f"must be an integer within the "
                                       f"{len(binary) - offset} binary bytes left, got {quote(size)}")
-            message.raw_input_contents.append(bytes(binary[offset:offset + size]))
+            contents.append((where, slice(offset, offset + size)))
             offset += size
         elif "data" in tensor:
-            message.raw_input_contents.append(_json_data(tensor["data"], datatype, shape, (*where, "data")))
+            contents.append((where, None))
         else:
             raise InvalidArgument(where, "has neither data nor parameters.binary_data_size")
     if offset != len(binary):
         raise InvalidArgument("body", f"{len(binary) - offset} binary bytes after the inputs' binary_data_size "
                               "total")
+    if check is not None:
+        check(message)
+    for (where, part), tensor, entry in zip(contents, inputs, message.inputs, strict=True):
+        if part is not None:
+            message.raw_input_contents.append(bytes(binary[part]))
+        else:
+            message.raw_input_contents.append(_json_data(tensor["data"], entry.datatype, list(entry.shape),
+                                                         (*where, "data")))
     binary_by_default = _flag(transport, BINARY_OUTPUT, ("parameters",), False)
     binary_outputs: dict[str, bool] = {}
     outputs = doc.get("outputs")

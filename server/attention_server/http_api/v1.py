@@ -18,8 +18,8 @@ from attention_client.protocol import attention_pb2 as pb
 from attention_client.viz import explorer_html
 
 from ..services.attention import AttentionService
-from .body import read_body
-from .messages import mapped, parse
+from .body import read_analyze_request
+from .messages import mapped
 from .responses import JSON, LinesResponse, PartsResponse, dumps, json_response
 
 # base64 is 4/3 of the raw bytes, plus JSON's names and punctuation.
@@ -43,13 +43,7 @@ def _result_json(raw: bytes) -> bytes:
 
 def routes(service: AttentionService, max_request_bytes: int) -> list[Route]:
     async def request_of(request: Request) -> pb.AnalyzeRequest:
-        body = await read_body(request, max_request_bytes)
-        message = pb.AnalyzeRequest()
-        if len(body) <= INLINE_JSON_BYTES:
-            parse(body, message)
-        else:
-            await asyncio.to_thread(parse, body, message)
-        return message
+        return await read_analyze_request(request, max_request_bytes, service)
 
     async def analyze(request: Request) -> Response:
         raw, lease = await service.analyze(await request_of(request), None, JSON_SIZE_FACTOR, JSON_MEMORY_FACTOR)

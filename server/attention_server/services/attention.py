@@ -28,9 +28,8 @@ class AttentionService:
         self.response_size = response_size
 
     async def plan(self, request: pb.AnalyzeRequest) -> Plan:
-        return await self.engine.plan_async(
-            request.model, converters.sequences_from_pb(request), converters.options_from_pb(request.options)
-        )
+        sequences = converters.sequences_from_pb(request, self.engine.limits.max_batch_size)  # counts first
+        return await self.engine.plan_async(request.model, sequences, converters.options_from_pb(request.options))
 
     async def analyze(self, request: pb.AnalyzeRequest, timeout: float | None,
                       size_factor: float = 1.0, memory_factor: float = 1.0) -> tuple[bytes, Lease]:

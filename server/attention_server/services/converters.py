@@ -35,7 +35,18 @@ _ROLLOUT = {pb.ROLLOUT_NONE: None, pb.ROLLOUT_MEAN: "mean", pb.ROLLOUT_MAX: "max
 _ATTENTION_DTYPES = {pb.DATA_TYPE_UNSPECIFIED: FLOAT32, pb.DATA_TYPE_FLOAT32: FLOAT32, pb.DATA_TYPE_FLOAT16: FLOAT16}
 
 
-def sequences_from_pb(request: pb.AnalyzeRequest) -> list[SequenceInput]:
+def check_sequence_count(count: int, limit: int) -> None:
+    """The engine's limit on sequences per request (same message), for a transport to check
+    a count it has before converting a single sequence: a 16 MiB message holds 8 M empty ones."""
+    if count > limit:
+        raise InvalidArgument("sequences", f"{count} sequences exceed the limit of {limit} per request")
+
+
+def sequences_from_pb(request: pb.AnalyzeRequest, max_sequences: int | None = None) -> list[SequenceInput]:
+    """The request's sequences for the engine; with `max_sequences` (the engine's
+    max_batch_size), more than that many are refused before any is converted."""
+    if max_sequences is not None:
+        check_sequence_count(len(request.sequences), max_sequences)
     out = []
     for seq in request.sequences:
         kind = seq.WhichOneof("input")

@@ -94,11 +94,16 @@ def field_name(path: FieldPath) -> str:
 
 # -- BYTES --------------------------------------------------------------------------------
 
-def decode_bytes(raw: bytes, name: str) -> list[bytes]:
-    """BYTES tensor contents: each element a 4-byte little-endian length, then the bytes."""
-    out, pos = [], 0
+def decode_bytes(raw: bytes, name: str, limit: int | None = None) -> list[bytes]:
+    """BYTES tensor contents: each element a 4-byte little-endian length, then the bytes.
+    With `limit` (the shape's element count), contents holding more elements are refused
+    once one more is found, not after all of them are split (4 M empty strings in 16 MiB)."""
+    out: list[bytes] = []
+    pos = 0
     view = memoryview(raw)
     while pos < len(raw):
+        if limit is not None and len(out) >= limit:
+            raise InvalidArgument(f"input '{name}'", f"BYTES contents hold more than the shape's {limit} elements")
         if pos + 4 > len(raw):
             raise InvalidArgument(f"input '{name}'", "BYTES contents end inside a 4-byte length prefix")
         (size,) = struct.unpack_from("<I", raw, pos)
@@ -117,18 +122,16 @@ def encode_bytes(items: list[bytes]) -> bytes:
 # -- inputs ---------------------------------------------------------------------------------
 
 def _decode_input(request: kpb.ModelInferRequest, index: int) -> np.ndarray | list[bytes]:
+    """One input's contents, its shape already checked (check_shapes): the element count
+    is bounded before anything is split or converted."""
     tensor = request.inputs[index]
     name, datatype = tensor.name, tensor.datatype
     shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) > MAX_DIMS:
-        raise InvalidArgument(f"input '{name}'", f"has {len(shape)} dimensions; at most {MAX_DIMS}")
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} has a negative dimension")
     count = math.prod(shape)  # Python ints: a shape like [2**32, 2**32] cannot overflow
     if request.raw_input_contents:
         raw = request.raw_input_contents[index]
         if datatype == "BYTES":
-            items = decode_bytes(raw, name)
+            items = decode_bytes(raw, name, count)
             if len(items) != count:
                 raise InvalidArgument(f"input '{name}'", f"shape {list(shape)} needs {count} BYTES elements, "
                                       f"got {len(items)}")
@@ -160,58 +163,82 @@ def _ids(name: str, value: np.ndarray | list[bytes], datatype: str) -> np.ndarra
     return value.astype(np.int64)
 
 
+def check_shapes(request: kpb.ModelInferRequest, meta: ModelMetadata, max_batch_size: int) -> None:
+    """The inputs' names and declared shapes against the model and the limits (the batch
+    dimension against max_batch_size, input_ids' sequence axis against the positions).
+    It reads a few numbers per input and none of their contents, so both transports run
+    it before anything is decoded or converted: what passes has at most
+    max_batch_size x positions elements an input."""
+    known = [t.name for t in model_tensors(meta)[0]]
+    shapes: dict[str, list[int]] = {}
+    for tensor in request.inputs:
+        name = tensor.name
+        if name not in known:
+            raise InvalidArgument(f"input {quote(name)}", f"unexpected input for model '{meta.name}'; "
+                                  f"expected {', '.join(known)}")
+        if name in shapes:
+            raise InvalidArgument(f"input {quote(name)}", "given twice")
+        shape = [int(d) for d in tensor.shape]
+        if len(shape) > MAX_DIMS:
+            raise InvalidArgument(f"input '{name}'", f"has {len(shape)} dimensions; at most {MAX_DIMS}")
+        if any(d < 0 for d in shape):
+            raise InvalidArgument(f"input '{name}'", f"shape {shape} has a negative dimension")
+        shapes[name] = shape
+    if (TEXT in shapes) == ("input_ids" in shapes):
+        raise InvalidArgument("inputs", "give either 'input_ids' (with optional 'attention_mask' and "
+                              "'token_type_ids') or 'text'")
+    if TEXT in shapes:
+        extra = [n for n in ID_INPUTS if n in shapes]
+        if extra:
+            raise InvalidArgument(f"input '{extra[0]}'", "not allowed together with 'text'")
+        shape = shapes[TEXT]
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidArgument(f"input '{TEXT}'", f"shape {shape} must be [batch] or [batch, 1]")
+        _check_batch(TEXT, shape, max_batch_size)
+        return
+    ids = shapes["input_ids"]
+    for name in ID_INPUTS:
+        if name in shapes and len(shapes[name]) != 2:
+            raise InvalidArgument(f"input '{name}'", f"shape {shapes[name]} must be [batch, sequence]")
+    _check_batch("input_ids", ids, max_batch_size)
+    if ids[1] > meta.max_positions:
+        raise InvalidArgument("input 'input_ids'", f"shape {ids}: {ids[1]} positions exceed the "
+                              f"model's {meta.max_positions}; nothing is truncated, split the input")
+    for name in ID_INPUTS[1:]:
+        if name in shapes and shapes[name] != ids:
+            raise InvalidArgument(f"input '{name}'", f"shape {shapes[name]} must equal input_ids' {ids}")
+
+
 def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
                    max_batch_size: int) -> list[SequenceInput]:
-    """The request's rows as sequences; INVALID_ARGUMENT names the tensor."""
+    """The request's rows as sequences; INVALID_ARGUMENT names the tensor. Shapes and
+    limits are checked first (check_shapes), contents only then."""
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidArgument("raw_input_contents", f"has {len(request.raw_input_contents)} entries for "
                               f"{len(request.inputs)} inputs; send one per input or use typed contents")
-    known = [t.name for t in model_tensors(meta)[0]]
+    check_shapes(request, meta, max_batch_size)
     given: dict[str, tuple[np.ndarray | list[bytes], str]] = {}
     for i, tensor in enumerate(request.inputs):
-        if tensor.name not in known:
-            raise InvalidArgument(f"input {quote(tensor.name)}", f"unexpected input for model '{meta.name}'; "
-                                  f"expected {', '.join(known)}")
-        if tensor.name in given:
-            raise InvalidArgument(f"input {quote(tensor.name)}", "given twice")
         given[tensor.name] = (_decode_input(request, i), tensor.datatype)
-    if (TEXT in given) == ("input_ids" in given):
-        raise InvalidArgument("inputs", "give either 'input_ids' (with optional 'attention_mask' and "
-                              "'token_type_ids') or 'text'")
     if TEXT in given:
         value, datatype = given[TEXT]
         if datatype != "BYTES" or not isinstance(value, list):
             raise InvalidArgument(f"input '{TEXT}'", f"datatype {quote(datatype)} is not accepted; expected BYTES")
-        extra = [n for n in ID_INPUTS if n in given]
-        if extra:
-            raise InvalidArgument(f"input '{extra[0]}'", "not allowed together with 'text'")
-        shape = tuple(request.inputs[[t.name for t in request.inputs].index(TEXT)].shape)
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise InvalidArgument(f"input '{TEXT}'", f"shape {list(shape)} must be [batch] or [batch, 1]")
         rows = []
         for i, item in enumerate(value):
             try:
                 rows.append(SequenceInput(text=item.decode("utf-8")))
             except UnicodeDecodeError:
                 raise InvalidArgument(f"input '{TEXT}'[{i}]", "is not valid UTF-8") from None
-        _check_batch(len(rows), max_batch_size)
         return rows
     ids = _ids("input_ids", *given["input_ids"])
     batch = ids.shape[0]
-    _check_batch(batch, max_batch_size)
-    if ids.shape[1] > meta.max_positions:
-        raise InvalidArgument("input 'input_ids'", f"shape {list(ids.shape)}: {ids.shape[1]} positions exceed the "
-                              f"model's {meta.max_positions}; nothing is truncated, split the input")
     mask = np.ones_like(ids)
     if "attention_mask" in given:
         mask = _ids("attention_mask", *given["attention_mask"])
     types = np.zeros_like(ids)
     if "token_type_ids" in given:
         types = _ids("token_type_ids", *given["token_type_ids"])
-    for name, value in (("attention_mask", mask), ("token_type_ids", types)):
-        if value.shape != ids.shape:
-            raise InvalidArgument(f"input '{name}'", f"shape {list(value.shape)} must equal input_ids' "
-                                  f"{list(ids.shape)}")
     rows = []
     for r in range(batch):
         n = int(mask[r].sum())
@@ -222,9 +249,11 @@ def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
     return rows
 
 
-def _check_batch(batch: int, max_batch_size: int) -> None:
+def _check_batch(name: str, shape: list[int], max_batch_size: int) -> None:
+    batch = shape[0]
     if not 1 <= batch <= max_batch_size:
-        raise InvalidArgument("inputs", f"batch of {batch} rows; this model takes 1 to {max_batch_size}")
+        raise InvalidArgument(f"input '{name}'", f"shape {shape}: a batch of {batch} rows; this server takes 1 to "
+                              f"{max_batch_size} per request (max_batch_size)")
 
 
 def _param(params: object, name: str) -> object | None:
