@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -134,3 +135,18 @@ def place_model_file(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything a server sends on a raw socket until it closes it (the socket's timeout bounds the wait).
+
+    A server that closes a socket with unread bytes in it (a client still trickling) makes the kernel send a
+    reset instead of a FIN; what arrived before it is still returned. A server that never closes: TimeoutError.
+    """
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received

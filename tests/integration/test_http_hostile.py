@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import MODEL_DIR, ServerProcess, ServerThread, wait_until
+from tests.helpers import MODEL_DIR, ServerProcess, ServerThread, read_until_closed, wait_until
 
 MODEL = MODEL_DIR.name
 INFER = f"/v2/models/{MODEL}/infer"
@@ -187,21 +187,13 @@ def _head(path: str, length: int, *headers: str) -> bytes:
             + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
 
 
-def _until_closed(sock: socket.socket) -> bytes:
-    """What the server sends until it closes the connection (the socket's timeout bounds the wait)."""
-    received = b""
-    while chunk := sock.recv(65536):
-        received += chunk
-    return received
-
-
 @pytest.mark.parametrize("path", ["/v1/analyze", INFER, "/v2/repository/index"])
 def test_a_body_that_stops_coming_gets_408_and_the_connection_closes(srv, path):
     # Before: the connection stayed open as long as the client kept it (a few such held every slot).
     with socket.create_connection(("127.0.0.1", _port(srv)), timeout=BODY_TIMEOUT + 10) as sock:
         started = time.monotonic()
         sock.sendall(_head(path, 1000) + b'{"sequences": [')
-        reply = _until_closed(sock)
+        reply = read_until_closed(sock)
         elapsed = time.monotonic() - started
     head = reply.split(b"\r\n\r\n")[0].decode().lower()
     assert head.startswith("http/1.1 408") and "connection: close" in head, reply
@@ -226,7 +218,7 @@ def test_a_body_dripping_in_is_cut_off_at_the_timeout(srv):
         except OSError:
             pass  # the server closed first
         sock.settimeout(10)
-        reply += _until_closed(sock)
+        reply += read_until_closed(sock)
         elapsed = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert elapsed < BODY_TIMEOUT + FAST, elapsed
@@ -237,7 +229,7 @@ def test_a_declared_body_over_the_limit_gets_413_and_the_connection_closes(srv, 
     with socket.create_connection(("127.0.0.1", _port(srv)), timeout=30) as sock:
         sock.sendall(_head("/v1/analyze", 99_000_000_000))
         started = time.monotonic()
-        reply = _until_closed(sock)
+        reply = read_until_closed(sock)
         assert time.monotonic() - started < FAST + 5  # at most the lingering close
     head = reply.split(b"\r\n\r\n")[0].decode().lower()
     assert head.startswith("http/1.1 413") and "connection: close" in head, reply

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attention_client import AttentionClient
 from attention_server.grpc_api.server import CLOSING_GRACE
-from tests.helpers import MODEL_DIR, ServerProcess, ServerThread, wait_until
+from tests.helpers import MODEL_DIR, ServerProcess, ServerThread, read_until_closed, wait_until
 from tests.tls import Pki, make_pki
 
 DEFAULT = MODEL_DIR.name
@@ -71,21 +71,6 @@ def _reply(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, reader.read(int(headers.get("content-length", "0")))
-
-
-def _closed_by_server(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (the socket's timeout bounds the wait).
-
-    A server that closes a socket with unread bytes in it (a client still trickling its head) makes the kernel
-    send a reset rather than a FIN; that is a close too. A server that never closes fails with TimeoutError.
-    """
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except ConnectionResetError:
-        pass
-    return received
 
 
 # -- plaintext: health, readiness, request ids, metrics ---------------------------------------
@@ -371,7 +356,7 @@ def test_connections_over_the_limit_get_503_at_once_and_the_others_keep_being_se
         assert status == 503 and time.monotonic() - started < 10
         assert headers["retry-after"] and headers["connection"] == "close"
         assert "http_max_connections" in json.loads(body)["error"] and headers["x-request-id"]
-        assert _closed_by_server(extra) == b""
+        assert read_until_closed(extra) == b""
         extra.close()
         # Health still answers on a connection over the limit (probes are not turned away).
         probe = _raw(port, GET_READY)
@@ -429,7 +414,7 @@ def test_clients_that_never_finish_their_request_head_are_closed_and_block_no_on
                 assert client.post(f"/v2/models/{DEFAULT}/infer", json=INFER_BODY).status_code == 200
         started = time.monotonic()
         for sock in (silent, partial, trickle):
-            assert _closed_by_server(sock) == b""  # closed without a reply
+            assert read_until_closed(sock) == b""  # closed without a reply
         assert time.monotonic() - started < 20
     finally:
         stop.set()
@@ -446,7 +431,7 @@ def test_a_request_head_over_the_metadata_limit_gets_431(impatient):
         status, headers, body = _reply(sock)
         assert status == 431 and headers["connection"] == "close"
         assert "max_metadata_kib" in json.loads(body)["error"]
-        assert _closed_by_server(sock) == b""
+        assert read_until_closed(sock) == b""
     finally:
         sock.close()
     # A head just under the limit is served.
