@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from attention_client import tune_malloc
-from bench import compare
+from bench import capacity, compare
 from bench.baselines import HfBaseline, OrtBaseline, tokenize
 from bench.server import Server
 from bench.workloads import HEAVY, MIXED, ROOT, SHORT, Workload, text_of_length
@@ -43,10 +43,12 @@ def machine() -> str:
     return f"{cpu}, {cores} cores, {platform.python_implementation()} {platform.python_version()}"
 
 
-SECTIONS = ("service", "sweep", "http", "tracing")
+SECTIONS = ("service", "sweep", "http", "tracing", "capacity")
+# What a plain `make bench` runs; capacity (about 3 minutes) only when named: `--only capacity`.
+DEFAULT_SECTIONS = ("service", "sweep", "http", "tracing")
 # What each section writes into latest.json.
 SECTION_KEYS = {"service": ("service", "ort", "hf", "rss_kib", "ratios"), "sweep": ("sweep",), "http": ("http",),
-                "tracing": ("tracing",)}
+                "tracing": ("tracing",), "capacity": ("capacity",)}
 QUICK = {"duration": 2.0, "baseline_seconds": 1.0, "concurrency": [1, 8], "no_hf": True, "no_sweep": True,
          "rounds": 3, "round_seconds": 2.0}
 
@@ -66,11 +68,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64])
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence length / batch size sweeps")
-    parser.add_argument("--only", type=sections, default=list(SECTIONS),
-                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all); the "
-                        "others are kept, with their dates, from the --out folder's latest.json")
+    parser.add_argument("--only", type=sections, default=list(DEFAULT_SECTIONS),
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: "
+                        f"{','.join(DEFAULT_SECTIONS)}); the others are kept, with their dates, from the --out "
+                        "folder's latest.json")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds of the http and tracing comparisons")
+                        help="interleaved rounds of the http, tracing and capacity comparisons")
     parser.add_argument("--round-seconds", type=float, default=3.0,
                         help="seconds per measurement in those rounds")
     parser.add_argument("--quick", action="store_true",
@@ -106,6 +109,9 @@ def main() -> int:
     if "tracing" in run:
         log("tracing: servers with tracing off and on, interleaved rounds")
         out["tracing"] = compare.tracing_cost(args.rounds, args.round_seconds, log)
+    if "capacity" in run:
+        log("capacity: servers pinned to 1 and 2 cores, interleaved rounds")
+        out["capacity"] = capacity.measure(args.rounds, args.round_seconds, log)
     for name in run:
         out["dates"][name] = date
         out["machines"][name] = out["machine"]
@@ -252,6 +258,8 @@ def markdown(out: dict[str, Any]) -> str:
         lines += _http_markdown(out["http"], dates["http"])
     if out.get("tracing"):
         lines += _tracing_markdown(out["tracing"], dates["tracing"])
+    if out.get("capacity"):
+        lines += capacity.markdown(out["capacity"], dates["capacity"])
     return "\n".join(lines)
 
 

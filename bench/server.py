@@ -27,9 +27,11 @@ class Server:
     `http` is set. `env` is added to this process's environment, from which every
     OTEL_* variable is taken out first: tracing is on only when `env` asks for it."""
 
-    def __init__(self, *args: str, http: bool = False, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *args: str, http: bool = False, env: Mapping[str, str] | None = None,
+                 cpus: set[int] | None = None) -> None:
         self.args = args
         self.http = http
+        self.cpus = cpus  # the server runs on these CPUs only (sched_setaffinity), when set
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | dict(env or {})
         self.http_url = ""
 
@@ -37,7 +39,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "attention_server", "--host", "127.0.0.1", "--port", "0", "--log-level",
              "WARNING", "--metrics-port", "-1", "--http-port", "0" if self.http else "-1", *self.args],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=self.env)
+            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=self.env,
+            preexec_fn=None if self.cpus is None else lambda: os.sched_setaffinity(0, self.cpus or set()))
         assert self.proc.stdout is not None
         try:
             self.target = self._address(self.proc.stdout.readline(), "listening on")

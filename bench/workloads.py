@@ -62,4 +62,7 @@ MIXED = Workload("mixed", "one sequence of 8-256 tokens per request, top-5 pairs
 # The Open Inference Protocol's small case: enough numbers that JSON outputs show their cost.
 SMALL = Workload("small", "one 16-token sentence per request, full float32 attention and hidden states", (16,),
                  {"attention": True, "hidden_states": True})
-WORKLOADS = {w.name: w for w in (SHORT, HEAVY, MIXED, SMALL)}
+# Capacity (bench.capacity): 128 tokens without the matrices in the reply.
+PAIRS128 = Workload("pairs128", "one 128-token sequence per request, top-5 pairs per head", (128,),
+                    {"top_k": 5, "attention": False, "hidden_states": False})
+WORKLOADS = {w.name: w for w in (SHORT, HEAVY, MIXED, SMALL, PAIRS128)}

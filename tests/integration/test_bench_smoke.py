@@ -58,3 +58,22 @@ def test_benchmark_compares_http_with_grpc_and_tracing_on_with_off(tmp_path):
     assert tracing["exported"]["spans_per_call"] >= 1  # the traced server did trace, and its spans reached the sink
     assert "## Open Inference Protocol: HTTP/REST against gRPC" in done.stdout
     assert "## Tracing off and on" in done.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_measures_capacity_per_core(tmp_path):
+    """One short round of the capacity section: both pinned servers, all four workloads, the planning rows."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--only", "capacity", "--rounds", "1", "--round-seconds", "0.5",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    cap = json.loads((tmp_path / "latest.json").read_text())["capacity"]
+    assert set(cap["runs"]) == {f"{w}_{c}core" for w in ("short", "small", "pairs128", "heavy") for c in (1, 2)}
+    for name, workload in cap["workloads"].items():
+        assert workload["cpu_ms_per_call"]["1"] > 0 and workload["reply_bytes"] > 0, name
+        assert [row["rate"] for row in workload["plan"]] == [100, 1_000, 10_000]
+    assert cap["workloads"]["heavy"]["reply_bytes"] > 6 * 12 * 128 * 128 * 4  # full float32 attention
+    assert cap["keda"]["threshold"] > 0
+    assert "## Capacity per core" in done.stdout

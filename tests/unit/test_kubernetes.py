@@ -42,9 +42,6 @@ KUBERNETES_VERSIONS = ("1.30.0", kubernetes_schemas.latest_version())
 KSERVE_SDK_MODELS = {("serving.kserve.io", "v1beta1", "InferenceService"): "V1beta1InferenceService",
                      ("serving.kserve.io", "v1alpha1", "ServingRuntime"): "V1alpha1ServingRuntime"}
 GRPC_PORT = 50051
-# Being added to settings.py for load balancing (issue 12); until then the server
-# ignores it like any ATTENTION_* variable it does not know.
-SETTINGS_IN_PROGRESS = {"ATTENTION_MAX_CONNECTION_AGE", "ATTENTION_MAX_CONNECTION_AGE_GRACE"}
 KUBECTL_MISSING = ("kubectl is not on PATH: these tests render deploy/kubernetes with `kubectl kustomize` "
                    "(kustomize v5). Install kubectl 1.30 or later (the `kubectl` apt package of the Kubernetes "
                    "or Google Cloud SDK repositories, or the release binary) and run again.")
@@ -548,7 +545,7 @@ def test_settings_are_the_servers(overlay: str, monkeypatch: pytest.MonkeyPatch)
 
     fields = {f"ATTENTION_{name.upper()}" for name in Settings.model_fields}
     health_client = set(re.findall(r"ATTENTION_HEALTHCHECK_[A-Z_]+", Path(healthcheck.__file__).read_text()))
-    known = fields | health_client | SETTINGS_IN_PROGRESS
+    known = fields | health_client
     for where, _, _, env in server_containers(overlay):
         ours = {k: v for k, v in env.items() if k.startswith("ATTENTION_")}
         assert set(ours) <= known, f"{where}: unknown {sorted(set(ours) - known)}"
