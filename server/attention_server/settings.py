@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     model_control_mode: Literal["none", "explicit"] = "none"
     """`none`: models load at start only, RepositoryModelLoad/Unload are refused. `explicit`: they are
     allowed (to the `admin` role when tokens are on)."""
+    shared_memory: bool = False
+    """Triton's system shared-memory extension on the Open Inference Protocol (both ports): clients on this
+    host register POSIX shared-memory objects (/dev/shm) by key; inputs are read from them and outputs
+    written into them. Off by default: a caller who may register names any object the server's user can
+    open, and has outputs written into it. With tokens on, the register/unregister/status calls need admin."""
+    max_shared_memory_regions: int = Field(64, ge=1)
+    """Most shared-memory regions registered at once; one more is refused (RESOURCE_EXHAUSTED)."""
+    max_shared_memory_region_mib: int = Field(1024, ge=1)
+    """Largest shared-memory region (MiB) a client may register."""
+    max_shared_memory_total_mib: int = Field(4096, ge=1)
+    """Most MiB of shared memory registered at once, over all regions."""
     log_level: str = "INFO"
     """Python logging level."""
     log_format: Literal["text", "json"] = "text"

@@ -22,6 +22,10 @@ ADMIN_METHODS = frozenset({
     "/inference.GRPCInferenceService/RepositoryIndex",
     "/inference.GRPCInferenceService/RepositoryModelLoad",
     "/inference.GRPCInferenceService/RepositoryModelUnload",
+    # A caller who registers a region has the server open, read and write a file of its choosing.
+    "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+    "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+    "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
 })
 
 

@@ -147,3 +147,19 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
                                     context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
         await self.service.unload(request.model_name)
         return kpb.RepositoryModelUnloadResponse()
+
+    async def SystemSharedMemoryStatus(self, request: kpb.SystemSharedMemoryStatusRequest,
+                                       context: grpc.aio.ServicerContext) -> kpb.SystemSharedMemoryStatusResponse:
+        return self.service.shared_memory_status(request.name)
+
+    async def SystemSharedMemoryRegister(self, request: kpb.SystemSharedMemoryRegisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> kpb.SystemSharedMemoryRegisterResponse:
+        self.service.shared_memory_register(request.name, request.key, request.offset, request.byte_size)
+        return kpb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: kpb.SystemSharedMemoryUnregisterRequest,
+                                           context: grpc.aio.ServicerContext
+                                           ) -> kpb.SystemSharedMemoryUnregisterResponse:
+        self.service.shared_memory_unregister(request.name)
+        return kpb.SystemSharedMemoryUnregisterResponse()

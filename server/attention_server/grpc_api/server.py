@@ -28,6 +28,7 @@ from ..runtime.stats import BatchObserver
 from ..services.attention import AttentionService
 from ..services.inference import InferenceService
 from ..services.response_size import ResponseSize
+from ..services.shared_memory import SharedMemoryRegistry
 from ..settings import MiB, Settings
 from ..tokens import TokenStore
 from ..tracing import Tracing
@@ -56,6 +57,7 @@ class AttentionServer:
     engine: Engine
     attention: AttentionService
     inference: InferenceService
+    shared_memory: SharedMemoryRegistry
 
     def __init__(self, settings: Settings, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.settings = settings
@@ -126,9 +128,13 @@ class AttentionServer:
         self.metrics.watch(engine)
         response_size = ResponseSize(self.settings.max_response_bytes)
         self.attention = AttentionService(engine, response_size)
+        settings = self.settings
+        self.shared_memory = SharedMemoryRegistry(settings.shared_memory, settings.max_shared_memory_regions,
+                                                  settings.max_shared_memory_region_mib * MiB,
+                                                  settings.max_shared_memory_total_mib * MiB)
         self.inference = InferenceService(engine, engine.repository.options.instances,
                                           int(self.settings.max_queue_delay_ms * 1000),
-                                          self.settings.model_control_mode, response_size)
+                                          self.settings.model_control_mode, response_size, self.shared_memory)
         self.grpc.add_generic_rpc_handlers((AttentionServicer(self.attention).handler(),))
         if self.http is not None:
             self._http_app, self.http_calls = build_app(self.attention, self.inference, self.metrics, self.tokens,
@@ -222,6 +228,7 @@ class AttentionServer:
         await asyncio.gather(self._grpc_closed(grpc_stopped, closing, deadline), *(
             [self.http.stop(max(deadline - loop.time(), closing))] if self.http is not None else []))
         await self.engine.close()
+        self.shared_memory.close()  # every call has ended: the regions' descriptors close now
         for task in [*self._health_updates, *([self._trim] if self._trim else [])]:
             task.cancel()
         self.close_metrics()

@@ -15,7 +15,7 @@ that does for every request what the gRPC interceptors do for every call:
   style, calls to this origin only);
 - a request id (the caller's `x-request-id` when it is of a safe charset and
   length, else a new one), set for the log lines and echoed in the response;
-- bearer tokens and roles (tokens.py; the repository routes need `admin`,
+- bearer tokens and roles (tokens.py; the repository and shared-memory routes need `admin`,
   health and the explorer page are open);
 - every exception mapped to a status and `{"error": "..."}` (errors.py);
 - calls in flight counted (the drain waits for them), per-code counts and latency.
@@ -55,7 +55,7 @@ _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 EXPLORE = "/explore"
 OPEN_PATHS = HEALTH_PATHS | {EXPLORE}
-ADMIN_PREFIX = "/v2/repository/"
+ADMIN_PREFIXES = ("/v2/repository/", "/v2/systemsharedmemory/")
 # The ASGI scope extension server.py sets on requests of a connection opened over http_max_connections.
 OVER_LIMIT = "attention.over_limit"
 # The ASGI scope extension server.py sets with http_body_timeout: {"seconds": float}.
@@ -163,7 +163,7 @@ class CallMiddleware:
             what = "no bearer token" if token is None else "unknown bearer token"
             raise Unauthenticated(f"{what}; send the header 'Authorization: Bearer <token>'")
         caller_role.set(role)
-        if path.startswith(ADMIN_PREFIX) and role != "admin":
+        if path.startswith(ADMIN_PREFIXES) and role != "admin":
             raise PermissionDenied(f"{path} needs the admin role; this token has {role}")
 
     def _method(self, scope: Scope) -> str:

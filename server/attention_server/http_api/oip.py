@@ -23,7 +23,7 @@ from .responses import JSON, PartsResponse, dumps, json_response
 
 # Requests and responses with more bytes than this are decoded / encoded off the event loop.
 INLINE_JSON_BYTES = 1 << 20
-# Bodies of the repository calls (`{"ready": true}`, `{"parameters": {...}}`): a fixed limit.
+# Bodies of the repository and shared-memory calls (`{"ready": true}`, `{"key": ...}`): a fixed limit.
 SMALL_BODY_BYTES = 64 << 10
 SMALL_BODY_LIMIT = "fixed for the repository routes"
 
@@ -83,10 +83,11 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
         check = partial(check_shapes, meta=model.metadata, max_batch_size=service.engine.limits.max_batch_size)
         body = await read_body(request, max_request_bytes)  # inflated, if it came compressed
         header_length = request.headers.get(rest_codec.HEADER_LENGTH)
+        shared = service.shared_memory.enabled
         if len(body) <= INLINE_JSON_BYTES:
-            rest = rest_codec.decode(body, header_length, name, version, check)
+            rest = rest_codec.decode(body, header_length, name, version, check, shared)
         else:  # parsing MBs of JSON numbers would hold up every other call
-            rest = await asyncio.to_thread(rest_codec.decode, body, header_length, name, version, check)
+            rest = await asyncio.to_thread(rest_codec.decode, body, header_length, name, version, check, shared)
         del body
         factor = rest.size_factor()  # JSON outputs: the raw tensors and their JSON are held at once
         response, lease = await service.infer(rest.message, None, factor, factor + 1 if factor > 1 else 1.0)
@@ -132,6 +133,30 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
         await service.unload(request.path_params["model"])
         return json_response({})
 
+    # -- Triton's system shared-memory extension -----------------------------------------
+
+    async def shm_status(request: Request) -> Response:
+        regions = service.shared_memory_status(request.path_params.get("region", ""))
+        return Response(dumps([rest_codec.document(r) for r in regions.regions.values()]), media_type=JSON)
+
+    async def shm_register(request: Request) -> Response:
+        doc = _checked(await small_body(request), {"key": str, "offset": int, "byte_size": int})
+        for field in ("key", "byte_size"):
+            if field not in doc:
+                raise InvalidArgument(field, "is required")
+        for field in ("offset", "byte_size"):
+            value = doc.get(field, 0)
+            if isinstance(value, bool) or value < 0:
+                raise InvalidArgument(field, f"must be a non-negative integer, got {quote(value)}")
+        service.shared_memory_register(request.path_params["region"], doc["key"], doc.get("offset", 0),
+                                       doc["byte_size"])
+        return json_response({})
+
+    async def shm_unregister(request: Request) -> Response:
+        _checked(await small_body(request), {})
+        service.shared_memory_unregister(request.path_params.get("region", ""))
+        return json_response({})
+
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     table: list[Route] = [
@@ -142,6 +167,14 @@ def routes(service: InferenceService, max_request_bytes: int) -> list[Route]:
         Route("/v2/repository/index", repository_index, methods=["POST"], name="RepositoryIndex"),
         Route("/v2/repository/models/{model}/load", load, methods=["POST"], name="RepositoryModelLoad"),
         Route("/v2/repository/models/{model}/unload", unload, methods=["POST"], name="RepositoryModelUnload"),
+        Route("/v2/systemsharedmemory/status", shm_status, name="SystemSharedMemoryStatus"),
+        Route("/v2/systemsharedmemory/region/{region}/status", shm_status, name="SystemSharedMemoryStatus"),
+        Route("/v2/systemsharedmemory/region/{region}/register", shm_register, methods=["POST"],
+              name="SystemSharedMemoryRegister"),
+        Route("/v2/systemsharedmemory/unregister", shm_unregister, methods=["POST"],
+              name="SystemSharedMemoryUnregister"),
+        Route("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister, methods=["POST"],
+              name="SystemSharedMemoryUnregister"),
     ]
     for base in (model, versioned):
         table += [

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 
 from .._proto.inference import grpc_service_pb2 as kpb
 from ..errors import FieldPath, InvalidArgument, quote
-from ..services.oip_codec import MAX_DIMS, NUMPY, decode_bytes, encode_bytes
+from ..services.oip_codec import MAX_DIMS, NUMPY, SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION, decode_bytes, encode_bytes
 from .body import loads
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -36,10 +36,14 @@ BINARY_OUTPUT = "binary_data_output"
 # Parameters that describe the transport, not the inference: never passed on.
 TRANSPORT_PARAMETERS = (BINARY_SIZE, BINARY, BINARY_OUTPUT)
 # Triton extensions this server does not offer: refused by name rather than ignored
-# (the caller would otherwise look for its tensors in a shared memory region).
+# (the caller would otherwise look for a classification it never gets).
 UNSUPPORTED_PARAMETERS = {
-    "shared_memory_region": "shared memory is not offered; send the tensor in the body",
     "classification": "the classification extension is not offered; ask for the tensor itself",
+}
+# Without --shared-memory the same (the caller would look for its tensors in a region).
+SHARED_MEMORY_OFF = {
+    SHM_REGION: "shared memory is not offered: this server runs without --shared-memory; send the tensor in "
+                "the body",
 }
 MAX_PARAMETERS = 64
 MAX_INPUTS = 16
@@ -62,10 +66,13 @@ class RestRequest:
     message: kpb.ModelInferRequest
     binary_outputs: dict[str, bool]  # output name -> wanted as binary data
     binary_by_default: bool  # for outputs not named: `binary_data_output`
+    shared_outputs: frozenset[str] = frozenset()  # written into shared memory: not in the reply
 
     def size_factor(self) -> float:
         """1 when every output the reply will carry is binary data, else JSON's factor."""
-        named = self.binary_outputs
+        named = {k: v for k, v in self.binary_outputs.items() if k not in self.shared_outputs}
+        if self.binary_outputs and not named:
+            return 1.0
         if all(named.values()) if named else self.binary_by_default:
             return 1.0
         return JSON_SIZE_FACTOR
@@ -84,8 +91,9 @@ def _name(value: Any, path: FieldPath) -> str:
     return name
 
 
-def _parameters(value: Any, target: Any, path: FieldPath) -> dict[str, Any]:
-    """JSON parameters into a map of InferParameter; returns the transport ones."""
+def _parameters(value: Any, target: Any, path: FieldPath, shared_memory: bool = False) -> dict[str, Any]:
+    """JSON parameters into a map of InferParameter; returns the transport ones. The
+    shared-memory parameters are refused by name unless `shared_memory` is on."""
     if value is None:
         return {}
     params: dict[str, Any] = _type(value, dict, path, "an object")
@@ -98,6 +106,8 @@ def _parameters(value: Any, target: Any, path: FieldPath) -> dict[str, Any]:
             raise InvalidArgument(path, f"a key has {len(key)} characters; at most {MAX_NAME_CHARS}")
         if key in UNSUPPORTED_PARAMETERS:
             raise InvalidArgument(where, UNSUPPORTED_PARAMETERS[key])
+        if key in SHARED_MEMORY_OFF and not shared_memory:
+            raise InvalidArgument(where, SHARED_MEMORY_OFF[key])
         if key in TRANSPORT_PARAMETERS:
             transport[key] = item
             continue
@@ -218,11 +228,13 @@ def _header_length(value: str | None, size: int) -> int | None:
 
 
 def decode(body: bytes, header_length: str | None, model: str, version: str,
-           check: Callable[[kpb.ModelInferRequest], None] | None = None) -> RestRequest:
-    """A REST inference request body as a ModelInferRequest (all inputs as raw contents).
+           check: Callable[[kpb.ModelInferRequest], None] | None = None, shared_memory: bool = False) -> RestRequest:
+    """A REST inference request body as a ModelInferRequest (all inputs as raw contents,
+    but those in shared memory, which keep their shared-memory parameters, as over gRPC).
     `check` sees the message with its inputs' names, datatypes and shapes but no contents
     yet (services.oip_codec.check_shapes: the batch dimension and the positions against
-    the limits), before any tensor data is copied or converted."""
+    the limits), before any tensor data is copied or converted. `shared_memory`: the
+    server offers Triton's shared-memory parameters (else they are refused by name)."""
     n = _header_length(header_length, len(body))
     header, binary = (body, memoryview(b"")) if n is None else (body[:n], memoryview(body)[n:])
     doc = loads(header)
@@ -243,8 +255,13 @@ def decode(body: bytes, header_length: str | None, model: str, version: str,
         datatype = _name(tensor.get("datatype"), (*where, "datatype"))
         shape = _shape(tensor.get("shape"), (*where, "shape"))
         entry = message.inputs.add(name=name, datatype=datatype, shape=shape)
-        sizes = _parameters(tensor.get("parameters"), entry.parameters, (*where, "parameters"))
+        sizes = _parameters(tensor.get("parameters"), entry.parameters, (*where, "parameters"), shared_memory)
         size = sizes.get(BINARY_SIZE)
+        if SHM_REGION in entry.parameters:
+            if size is not None or "data" in tensor:
+                raise InvalidArgument(where, f"has parameters.{SHM_REGION} and also "
+                                      f"{'data' if 'data' in tensor else 'parameters.' + BINARY_SIZE}; send one")
+            continue  # read from the region by the service, after the shapes are checked
         if size is not None:
             if "data" in tensor:
                 raise InvalidArgument(where, "has both data and parameters.binary_data_size; send one")
@@ -262,7 +279,9 @@ def decode(body: bytes, header_length: str | None, model: str, version: str,
                               "total")
     if check is not None:
         check(message)
-    for (where, part), tensor, entry in zip(contents, inputs, message.inputs, strict=True):
+    in_body = [(tensor, entry) for tensor, entry in zip(inputs, message.inputs, strict=True)
+               if SHM_REGION not in entry.parameters]
+    for (where, part), (tensor, entry) in zip(contents, in_body, strict=True):
         if part is not None:
             message.raw_input_contents.append(bytes(binary[part]))
         else:
@@ -282,9 +301,10 @@ def decode(body: bytes, header_length: str | None, model: str, version: str,
             if name in binary_outputs:
                 raise InvalidArgument((*where, "name"), f"output {quote(name)} is asked for twice")
             wanted = message.outputs.add(name=name)
-            flags = _parameters(output.get("parameters"), wanted.parameters, (*where, "parameters"))
+            flags = _parameters(output.get("parameters"), wanted.parameters, (*where, "parameters"), shared_memory)
             binary_outputs[name] = _flag(flags, BINARY, (*where, "parameters"), binary_by_default)
-    return RestRequest(message, binary_outputs, binary_by_default)
+    shared = frozenset(o.name for o in message.outputs if SHM_REGION in o.parameters)
+    return RestRequest(message, binary_outputs, binary_by_default, shared)
 
 
 def encode(response: kpb.ModelInferResponse, request: RestRequest) -> tuple[dict[str, Any], list[bytes]]:
@@ -293,7 +313,11 @@ def encode(response: kpb.ModelInferResponse, request: RestRequest) -> tuple[dict
     binary: list[bytes] = []
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if request.binary_outputs.get(tensor.name, request.binary_by_default):
+        if SHM_REGION in tensor.parameters:  # written into shared memory: its parameters, no data
+            out["parameters"] = {key: getattr(tensor.parameters[key], tensor.parameters[key].WhichOneof(
+                "parameter_choice") or "string_param") for key in (SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET)
+                if key in tensor.parameters}
+        elif request.binary_outputs.get(tensor.name, request.binary_by_default):
             out["parameters"] = {BINARY_SIZE: len(raw)}
             binary.append(raw)
         elif tensor.datatype == "BYTES":

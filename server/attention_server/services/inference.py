@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
 
 from .. import __version__
 from .._proto.inference import grpc_service_pb2 as kpb
@@ -15,15 +20,27 @@ from ..errors import FailedPrecondition, InvalidArgument, ModelLoadError, ModelN
 from ..runtime.budget import Lease
 from ..runtime.engine import Engine
 from ..runtime.stats import Duration
-from ..runtime.types import LoadedModel, SequenceOutput
+from ..runtime.types import LoadedModel, ModelMetadata, SequenceOutput
 from . import oip_codec as codec
 from .response_size import ResponseSize
+from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
 VERSION = "1"
 INLINE_ENCODE_BYTES = 1 << 20
+
+
+def _release_after(work: asyncio.Future[Any], held: ExitStack) -> None:
+    """Close `held` once `work` (a thread) has ended, whatever its outcome."""
+    def done(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved: the call that wanted it is gone
+        held.close()
+
+    work.add_done_callback(done)
 
 
 def _duration(d: Duration) -> kpb.StatisticDuration:
@@ -32,8 +49,10 @@ def _duration(d: Duration) -> kpb.StatisticDuration:
 
 class InferenceService:
     def __init__(self, engine: Engine, instances: int, max_queue_delay_us: int,
-                 model_control_mode: str = "none", response_size: ResponseSize | None = None) -> None:
+                 model_control_mode: str = "none", response_size: ResponseSize | None = None,
+                 shared_memory: SharedMemoryRegistry | None = None) -> None:
         self.engine = engine
+        self.shared_memory = shared_memory or SharedMemoryRegistry(enabled=False)
         self.response_size = response_size or ResponseSize(256 << 20)
         self.model_control_mode = model_control_mode
         self.instances = instances
@@ -63,7 +82,8 @@ class InferenceService:
         return not self.draining
 
     def server_metadata(self) -> kpb.ServerMetadataResponse:
-        return kpb.ServerMetadataResponse(name="attention-server", version=__version__, extensions=EXTENSIONS)
+        extensions = EXTENSIONS + ([SHARED_MEMORY_EXTENSION] if self.shared_memory.enabled else [])
+        return kpb.ServerMetadataResponse(name="attention-server", version=__version__, extensions=extensions)
 
     def model_metadata(self, name: str, version: str = "") -> kpb.ModelMetadataResponse:
         meta = self.model(name, version).metadata
@@ -87,28 +107,89 @@ class InferenceService:
         model = self.model(request.model_name, request.model_version)
         meta = model.metadata
         timeout = codec.request_timeout(request, timeout)
-        sequences = codec.decode_request(request, meta, self.engine.limits.max_batch_size)
+        shared = codec.output_refs(request)
+        sequences = codec.decode_request(request, meta, self.engine.limits.max_batch_size, self._read_shared,
+                                         self.engine.limits.max_chars_per_token)
         names, options = codec.requested_outputs(request, meta)
-        try:
-            plan = await self.engine.plan_async(model.name, sequences, options)
-        except InvalidArgument as exc:  # named as this protocol names its tensors and parameters
-            raise InvalidArgument(codec.field_name(exc.field), exc.problem) from None
-        size = codec.response_bytes(request, meta, names, [len(t) for t in plan.tokens], len(plan.layers),
-                                    len(plan.heads), options.top_k)
-        self.response_size.check(int(size * size_factor))
-        lease = await self.engine.reserve(int(size * memory_factor), timeout)
-        try:
-            results: list[SequenceOutput] = await self.engine.analyze(plan, timeout)
-            with self.engine.span("encode"):
-                if size <= INLINE_ENCODE_BYTES:
-                    return codec.encode_response(request, meta, names, results, options.top_k), lease
-                # Padding and copying multi-MB outputs stays off the event loop.
-                response = await asyncio.to_thread(codec.encode_response, request, meta, names, results,
-                                                   options.top_k)
-                return response, lease
-        except BaseException:
-            lease.release()
-            raise
+        with ExitStack() as regions:
+            # Output regions are looked up and held first, checked against their outputs once the
+            # sequences' lengths are known: all before anything is computed. Unregistering one
+            # meanwhile never pulls it from under the copy.
+            held = {name: regions.enter_context(self.shared_memory.use(ref.region, ref.offset, ref.byte_size,
+                                                                       f"output {quote(name)}"))
+                    for name, ref in shared.items()}
+            try:
+                plan = await self.engine.plan_async(model.name, sequences, options)
+            except InvalidArgument as exc:  # named as this protocol names its tensors and parameters
+                raise InvalidArgument(codec.field_name(exc.field), exc.problem) from None
+            dims = ([len(t) for t in plan.tokens], len(plan.layers), len(plan.heads), options.top_k)
+            self._check_outputs(request, shared, meta, *dims)
+            size = codec.response_bytes(request, meta, names, *dims)
+            in_message = [n for n in names if n not in shared]  # shared-memory outputs are not in the message
+            sent = codec.response_bytes(request, meta, in_message, *dims) if shared else size
+            self.response_size.check(int(sent * size_factor))
+            lease = await self.engine.reserve(int(size * memory_factor), timeout)
+            try:
+                results: list[SequenceOutput] = await self.engine.analyze(plan, timeout)
+
+                def write(name: str, ref: codec.SharedRef, parts: list[np.ndarray]) -> None:
+                    nbytes = sum(p.nbytes for p in parts)
+                    if nbytes > ref.byte_size:  # BYTES outputs; the others were checked before computing
+                        raise InvalidArgument(f"output {quote(name)}", f"parameter '{codec.SHM_BYTE_SIZE}' "
+                                              f"{ref.byte_size} is smaller than the output's {nbytes} bytes")
+                    held[name].write(ref.offset, [p.data.cast("B") for p in parts])
+
+                encode = (request, meta, names, results, options.top_k, shared, write)
+                with self.engine.span("encode"):
+                    if size <= INLINE_ENCODE_BYTES:
+                        return codec.encode_response(*encode), lease
+                    # Padding and copying multi-MB outputs stays off the event loop.
+                    work = asyncio.ensure_future(asyncio.to_thread(codec.encode_response, *encode))
+                    try:
+                        return await asyncio.shield(work), lease
+                    except asyncio.CancelledError:
+                        if shared:  # the thread may still be writing: its regions stay held until it is done
+                            _release_after(work, regions.pop_all())
+                        raise
+            except BaseException:
+                lease.release()
+                raise
+
+    # -- shared memory (Triton's system shared-memory extension) ---------------------------
+
+    def _read_shared(self, ref: codec.SharedRef, field: str) -> bytes:
+        with self.shared_memory.use(ref.region, ref.offset, ref.byte_size, field) as region:
+            return region.read(ref.offset, ref.byte_size)
+
+    @staticmethod
+    def _check_outputs(request: kpb.ModelInferRequest, shared: dict[str, codec.SharedRef], meta: ModelMetadata,
+                       lengths: list[int], layers: int, heads: int, top_k: int | None) -> None:
+        """Each shared-memory output's byte size against the output's (BYTES outputs, whose
+        size follows their contents, are checked when written)."""
+        length = max(codec.padded_length(request), *lengths)
+        for name, ref in shared.items():
+            spec = codec.output_shape(name, meta, length, lengths, layers, heads, top_k)
+            if spec is None:
+                continue
+            datatype, shape = spec
+            need = math.prod(shape) * codec.NUMPY[datatype].itemsize
+            if ref.byte_size < need:
+                raise InvalidArgument(f"output {quote(name)}", f"parameter '{codec.SHM_BYTE_SIZE}' "
+                                      f"{ref.byte_size} is smaller than the output's {need} bytes ({datatype} "
+                                      f"{shape})")
+
+    def shared_memory_status(self, name: str = "") -> kpb.SystemSharedMemoryStatusResponse:
+        out = kpb.SystemSharedMemoryStatusResponse()
+        for region in self.shared_memory.status(name):
+            out.regions[region.name].CopyFrom(kpb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size))
+        return out
+
+    def shared_memory_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shared_memory.register(name, key, offset, byte_size)
+
+    def shared_memory_unregister(self, name: str = "") -> None:
+        self.shared_memory.unregister(name)
 
     # -- statistics and repository ---------------------------------------------------
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -41,6 +43,25 @@ MAX_INDEX_LIST_CHARS = 1024
 TEXT = "text"
 PAIR_OUTPUTS = ("pair_from_index", "pair_to_index", "pair_strength")
 DEFAULT_OUTPUTS = ("last_hidden_state", "attentions", "tokens", "sequence_length")
+# Triton's shared-memory extension: a tensor's parameters name a registered region.
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
+# A BYTES element read from shared memory: its 4-byte length, then at most 4 UTF-8 bytes a character.
+UTF8_MAX = 4
+
+
+@dataclass(frozen=True)
+class SharedRef:
+    """Where a tensor's bytes are: `byte_size` bytes at `offset` of a registered region."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+# Reads a tensor's bytes from shared memory: (where, the tensor's field name) -> its bytes.
+SharedReader = Callable[[SharedRef, str], bytes]
 
 
 @dataclass(frozen=True)
@@ -121,15 +142,14 @@ def encode_bytes(items: list[bytes]) -> bytes:
 
 # -- inputs ---------------------------------------------------------------------------------
 
-def _decode_input(request: kpb.ModelInferRequest, index: int) -> np.ndarray | list[bytes]:
-    """One input's contents, its shape already checked (check_shapes): the element count
-    is bounded before anything is split or converted."""
-    tensor = request.inputs[index]
+def _decode_input(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray | list[bytes]:
+    """One input's contents (`raw`: its raw bytes; None: its typed contents), its shape
+    already checked (check_shapes): the element count is bounded before anything is
+    split or converted."""
     name, datatype = tensor.name, tensor.datatype
     shape = tuple(int(d) for d in tensor.shape)
     count = math.prod(shape)  # Python ints: a shape like [2**32, 2**32] cannot overflow
-    if request.raw_input_contents:
-        raw = request.raw_input_contents[index]
+    if raw is not None:
         if datatype == "BYTES":
             items = decode_bytes(raw, name, count)
             if len(items) != count:
@@ -209,17 +229,55 @@ def check_shapes(request: kpb.ModelInferRequest, meta: ModelMetadata, max_batch_
             raise InvalidArgument(f"input '{name}'", f"shape {shapes[name]} must equal input_ids' {ids}")
 
 
-def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata,
-                   max_batch_size: int) -> list[SequenceInput]:
+def _shared_input(tensor: kpb.ModelInferRequest.InferInputTensor, ref: SharedRef, meta: ModelMetadata,
+                  max_chars_per_token: int, read: SharedReader | None) -> bytes:
+    """An input's bytes from shared memory: its byte size is checked against its shape
+    (BYTES: against the most its texts may hold) before anything is read."""
+    field = f"input {quote(tensor.name)}"
+    if read is None:
+        raise InvalidArgument(field, f"parameter '{SHM_REGION}': shared memory is not offered here")
+    if tensor.HasField("contents"):
+        raise InvalidArgument(field, f"has contents and parameter '{SHM_REGION}'; send one")
+    count = math.prod(int(d) for d in tensor.shape)
+    if tensor.datatype == "BYTES":
+        most = count * (4 + UTF8_MAX * max_chars_per_token * meta.max_positions)
+        if ref.byte_size > most:
+            raise InvalidArgument(field, f"parameter '{SHM_BYTE_SIZE}' {ref.byte_size} is more than {count} "
+                                  f"texts of at most {max_chars_per_token * meta.max_positions} characters can "
+                                  f"take ({most} bytes)")
+    else:
+        dtype = NUMPY.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidArgument(field, f"unknown datatype {quote(tensor.datatype)}")
+        if ref.byte_size != count * dtype.itemsize:
+            raise InvalidArgument(field, f"parameter '{SHM_BYTE_SIZE}' {ref.byte_size} does not match shape "
+                                  f"{[int(d) for d in tensor.shape]} of {tensor.datatype} "
+                                  f"({count * dtype.itemsize} bytes)")
+    return read(ref, field)
+
+
+def decode_request(request: kpb.ModelInferRequest, meta: ModelMetadata, max_batch_size: int,
+                   read_shared: SharedReader | None = None, max_chars_per_token: int = 32) -> list[SequenceInput]:
     """The request's rows as sequences; INVALID_ARGUMENT names the tensor. Shapes and
-    limits are checked first (check_shapes), contents only then."""
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+    limits are checked first (check_shapes), contents only then. An input with a
+    `shared_memory_region` parameter is read with `read_shared` once its byte size is
+    checked; `raw_input_contents` then holds the other inputs' bytes, in order (Triton's
+    convention)."""
+    refs = [shared_ref(t.parameters, f"input {quote(t.name)}") for t in request.inputs]
+    in_message = sum(ref is None for ref in refs)
+    if request.raw_input_contents and len(request.raw_input_contents) != in_message:
         raise InvalidArgument("raw_input_contents", f"has {len(request.raw_input_contents)} entries for "
-                              f"{len(request.inputs)} inputs; send one per input or use typed contents")
+                              f"{in_message} inputs not in shared memory; send one per input or use typed "
+                              "contents")
     check_shapes(request, meta, max_batch_size)
     given: dict[str, tuple[np.ndarray | list[bytes], str]] = {}
-    for i, tensor in enumerate(request.inputs):
-        given[tensor.name] = (_decode_input(request, i), tensor.datatype)
+    raw = iter(request.raw_input_contents)
+    for tensor, ref in zip(request.inputs, refs, strict=True):
+        if ref is not None:
+            contents: bytes | None = _shared_input(tensor, ref, meta, max_chars_per_token, read_shared)
+        else:
+            contents = next(raw) if request.raw_input_contents else None
+        given[tensor.name] = (_decode_input(tensor, contents), tensor.datatype)
     if TEXT in given:
         value, datatype = given[TEXT]
         if datatype != "BYTES" or not isinstance(value, list):
@@ -262,6 +320,36 @@ def _param(params: object, name: str) -> object | None:
         return None
     kind = p.WhichOneof("parameter_choice")
     return None if kind is None else getattr(p, kind)
+
+
+def shared_ref(params: object, field: str) -> SharedRef | None:
+    """The shared-memory parameters of an input or a requested output (None: not given).
+    `shared_memory_region` and `shared_memory_byte_size` go together; the offset defaults to 0."""
+    region, size, offset = (_param(params, name) for name in (SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET))
+    if region is None and size is None and offset is None:
+        return None
+    if not isinstance(region, str) or not region:
+        raise InvalidArgument(field, f"parameter '{SHM_REGION}' must name a registered region (a string), got "
+                              f"{quote(region)}")
+    values = []
+    for name, value, default in ((SHM_BYTE_SIZE, size, None), (SHM_OFFSET, offset, 0)):
+        if value is None and default is not None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(field, f"parameter '{name}' must be a non-negative integer with "
+                                  f"'{SHM_REGION}', got {quote(value)}")
+        values.append(value)
+    return SharedRef(region, values[1], values[0])
+
+
+def output_refs(request: kpb.ModelInferRequest) -> dict[str, SharedRef]:
+    """The requested outputs to be written into shared memory, by name."""
+    refs = {}
+    for output in request.outputs:
+        ref = shared_ref(output.parameters, f"output {quote(output.name)}")
+        if ref is not None:
+            refs[output.name] = ref
+    return refs
 
 
 def _index_list(value: object, name: str) -> tuple[int, ...]:
@@ -366,13 +454,62 @@ def response_bytes(request: kpb.ModelInferRequest, meta: ModelMetadata, names: l
     return 1024 + sum(per_output.get(name, 0) for name in names)
 
 
+def output_shape(name: str, meta: ModelMetadata, length: int, lengths: list[int], layers: int, heads: int,
+                 top_k: int | None) -> tuple[str, list[int]] | None:
+    """The datatype and exact shape `encode_response` gives a numeric output (None for
+    BYTES, whose size follows its contents), so that a shared-memory region can be
+    checked against it before anything is computed."""
+    batch = len(lengths)
+    k = min(top_k or 0, max(n * n for n in lengths))
+    shapes = {
+        "last_hidden_state": ("FP32", [batch, length, meta.hidden_size]),
+        "attentions": ("FP32", [batch, layers, heads, length, length]),
+        "attentions_fp16": ("FP16", [batch, layers, heads, length, length]),
+        "sequence_length": ("INT64", [batch]),
+        "pair_from_index": ("INT32", [batch, layers, heads, k]),
+        "pair_to_index": ("INT32", [batch, layers, heads, k]),
+        "pair_strength": ("FP32", [batch, layers, heads, k]),
+    }
+    return shapes.get(name)
+
+
+def _write_shared(array: np.ndarray | list[np.ndarray], shape: list[int], write: Callable[[list[np.ndarray]], None]
+                  ) -> None:
+    """Rows (one array each, or the whole tensor) to shared memory in row-major order,
+    padded with zeros to `shape`: a row of full length goes as it is, with no copy."""
+    rows = array if isinstance(array, list) else [array]
+    parts: list[np.ndarray] = []
+    for row in rows:
+        want = shape[1:] if isinstance(array, list) else shape
+        row = np.ascontiguousarray(row, dtype=row.dtype.newbyteorder("<"))
+        if list(row.shape) != want:
+            padded = np.zeros(want, dtype=row.dtype)
+            padded[tuple(slice(0, d) for d in row.shape)] = row
+            row = padded
+        parts.append(row)
+    write(parts)
+
+
+SharedWriter = Callable[[str, SharedRef, list[np.ndarray]], None]
+
+
 def encode_response(request: kpb.ModelInferRequest, meta: ModelMetadata, names: list[str],
-                    results: list[SequenceOutput], top_k: int | None) -> kpb.ModelInferResponse:
+                    results: list[SequenceOutput], top_k: int | None,
+                    shared: dict[str, SharedRef] | None = None,
+                    write_shared: SharedWriter | None = None) -> kpb.ModelInferResponse:
     """Outputs padded to the request's own sequence axis (as an ONNX BERT model
-    behind Triton would return them), or to the longest text."""
+    behind Triton would return them), or to the longest text. An output in `shared`
+    is written into its region with `write_shared` (raw little-endian, row-major, as
+    Triton writes it): the response carries its name, datatype, shape and
+    shared-memory parameters, and empty raw contents (one entry per output, as Triton)."""
     response = kpb.ModelInferResponse(model_name=meta.name, model_version="1", id=request.id)
     length = max(padded_length(request), *(len(r.tokens) for r in results))
+    shared = shared or {}
     for name in names:
+        ref = shared.get(name)
+        if ref is not None and write_shared is not None:
+            _encode_shared(response, name, results, length, top_k, ref, partial(write_shared, name, ref))
+            continue
         if name == "last_hidden_state":
             array = _pad_stack([r.hidden_states for r in results], length, (0,))  # type: ignore[misc]
         elif name in ("attentions", "attentions_fp16"):
@@ -380,9 +517,8 @@ def encode_response(request: kpb.ModelInferRequest, meta: ModelMetadata, names: 
         elif name == "sequence_length":
             array = np.array([len(r.tokens) for r in results], dtype=np.int64)
         elif name == "tokens":
-            texts = [[t.encode() for t in r.tokens.texts] + [b""] * (length - len(r.tokens)) for r in results]
             response.outputs.add(name=name, datatype="BYTES", shape=[len(results), length])
-            response.raw_output_contents.append(encode_bytes([t for row in texts for t in row]))
+            response.raw_output_contents.append(_tokens(results, length))
             continue
         else:
             array = _pairs(results, name, top_k or 0)
@@ -391,6 +527,50 @@ def encode_response(request: kpb.ModelInferRequest, meta: ModelMetadata, names: 
         response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
                                             .tobytes())
     return response
+
+
+def _tokens(results: list[SequenceOutput], length: int) -> bytes:
+    texts = [[t.encode() for t in r.tokens.texts] + [b""] * (length - len(r.tokens)) for r in results]
+    return encode_bytes([t for row in texts for t in row])
+
+
+def _encode_shared(response: kpb.ModelInferResponse, name: str, results: list[SequenceOutput], length: int,
+                   top_k: int | None, ref: SharedRef, write: Callable[[list[np.ndarray]], None]) -> None:
+    """One output written into shared memory, its metadata into the response. The
+    per-row arrays go out as they are when no padding is needed: no stacked copy."""
+    rows: np.ndarray | list[np.ndarray]
+    if name in ("last_hidden_state", "attentions", "attentions_fp16"):
+        arrays = [r.hidden_states if name == "last_hidden_state" else r.attention for r in results]
+        rows = [a for a in arrays if a is not None]
+        shape = [len(results), *rows[0].shape]
+        for axis in ((0,) if name == "last_hidden_state" else (2, 3)):
+            shape[axis + 1] = length
+    elif name == "sequence_length":
+        rows = np.array([len(r.tokens) for r in results], dtype=np.int64)
+        shape = list(rows.shape)
+    elif name == "tokens":
+        raw = _tokens(results, length)  # its size follows its contents: `write` checks it against the region
+        write([np.frombuffer(raw, dtype=np.uint8)])
+        _shared_output(response, name, "BYTES", [len(results), length], ref, len(raw))
+        return
+    else:
+        rows = _pairs(results, name, top_k or 0)
+        shape = list(rows.shape)
+    dtype = (rows[0] if isinstance(rows, list) else rows).dtype
+    datatype = next(k for k, v in NUMPY.items() if v == dtype.newbyteorder("<") and k != "BOOL")
+    _write_shared(rows, shape, write)
+    _shared_output(response, name, datatype, shape, ref, math.prod(shape) * dtype.itemsize)
+
+
+def _shared_output(response: kpb.ModelInferResponse, name: str, datatype: str, shape: list[int],
+                   ref: SharedRef, nbytes: int) -> None:
+    """The output's metadata; `shared_memory_byte_size`: the bytes written into the region."""
+    output = response.outputs.add(name=name, datatype=datatype, shape=shape)
+    output.parameters[SHM_REGION].string_param = ref.region
+    output.parameters[SHM_BYTE_SIZE].int64_param = nbytes
+    if ref.offset:
+        output.parameters[SHM_OFFSET].int64_param = ref.offset
+    response.raw_output_contents.append(b"")
 
 
 def _pairs(results: list[SequenceOutput], name: str, k: int) -> np.ndarray:
