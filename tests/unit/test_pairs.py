@@ -54,3 +54,25 @@ def test_matches_a_full_sort_on_random_softmax_heads(n, k):
         cells = sorted((-float(matrix[f, t]), f, t) for f in keep for t in keep)[:k]
         assert [(f, t) for _, f, t in cells] == [(f, t) for f, t, _ in table.head_pairs(row)]
         assert np.allclose([-v for v, _, _ in cells], [s for _, _, s in table.head_pairs(row)])
+
+
+@pytest.mark.parametrize("excluded", [[0, 39], [0, 17, 39], [0, 3, 9, 12, 20, 25, 30, 33, 36, 39], []])
+def test_split_and_parallel_paths_give_the_same_tables(monkeypatch, excluded):
+    """A view, block copies, the elementwise gather and threaded row maxima: one answer."""
+    from attention_server.runtime import pairs
+
+    rng = np.random.default_rng(len(excluded))
+    logits = rng.normal(size=(3, 4, 40, 40)) * 3
+    att = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    exclude = np.zeros(40, bool)
+    exclude[excluded] = True
+    expected = top_pairs(att, [0, 1, 2], [0, 1, 2, 3], k=7, exclude=exclude)
+    monkeypatch.setattr(pairs, "PARALLEL_CELLS", 0)
+    monkeypatch.setattr(pairs, "_workers", lambda: 3)
+    threaded = top_pairs(att, [0, 1, 2], [0, 1, 2, 3], k=7, exclude=exclude)
+    keep = np.flatnonzero(~exclude)
+    for row, matrix in enumerate(att.reshape(12, 40, 40)):
+        cells = sorted((-float(matrix[f, t]), f, t) for f in keep for t in keep)[:7]
+        assert [(f, t) for _, f, t in cells] == [(f, t) for f, t, _ in expected.head_pairs(row)]
+    for name in ("from_index", "to_index", "strength", "counts"):
+        np.testing.assert_array_equal(getattr(expected, name), getattr(threaded, name))

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from .types import LoadedModel, Plan
 
 log = logging.getLogger(__name__)
+# Destinations for a sequence's graph outputs (by output name, with the batch axis) when
+# it runs alone in its batch, e.g. a response laid out before the run; None: let ONNX
+# Runtime allocate them. Called in the compute thread with the sequence's index in its plan.
+Into = Callable[[int], Mapping[str, np.ndarray] | None]
 
 # Batches whose float32 attention is smaller than this are cut in the compute thread.
 INLINE_POST_BYTES = 4 << 20
@@ -77,6 +81,7 @@ class Job:
     deadline: float | None  # time.monotonic()
     finish: Callable[[Any], Any] | None
     enqueued: float = field(default_factory=time.monotonic)
+    into: Into | None = None
     cancelled: bool = False
     trace: Any = None  # the call's trace (TraceHooks.caller) when traced
 
@@ -134,9 +139,9 @@ class Batcher:
         return len(self._queue)
 
     def submit(self, plan: Plan, indices: list[int], timeout: float | None,
-               finish: Callable[[Any], Any] | None = None) -> list[Job]:
+               finish: Callable[[Any], Any] | None = None, into: Into | None = None) -> list[Job]:
         """Queue sequences of one call; raises Unavailable when shutting down and
-        ResourceExhausted when the queue has no room."""
+        ResourceExhausted when the queue has no room. `into`: see Into."""
         if self._closed:
             raise Unavailable("server is shutting down; retry on another instance")
         tokens = sum(len(plan.tokens[i]) for i in indices)
@@ -152,7 +157,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         caller = self.trace.caller() if self.trace is not None else None
-        jobs = [Job(plan, i, len(plan.tokens[i]), loop.create_future(), deadline, finish, trace=caller)
+        jobs = [Job(plan, i, len(plan.tokens[i]), loop.create_future(), deadline, finish, trace=caller, into=into)
                 for i in indices]
         self._queue.extend(jobs)
         self._queued_tokens += tokens
@@ -391,7 +396,14 @@ class Batcher:
         feed = pad_batch(tokens, self.model.metadata.pad_token_id)
         padded = time.perf_counter_ns()
         self.stats.started(len(batch), sum(len(t) for t in tokens), int(feed["input_ids"].size), wide)
-        values = self.model.runtime.run(feed, sorted(outputs), wide=wide) if outputs else {}
+        names = sorted(outputs)
+        dests = batch[0].into(batch[0].index) if len(batch) == 1 and batch[0].into is not None else None
+        if not outputs:
+            values: dict[str, np.ndarray] = {}
+        elif dests is not None and set(dests) == outputs:
+            values = self.model.runtime.run(feed, names, wide=wide, into=dests)
+        else:
+            values = self.model.runtime.run(feed, names, wide=wide)
         ran = time.perf_counter_ns()
         per_size = self.stats.batch(len(batch))
         for duration, ns in ((self.stats.compute_input, padded - started), (per_size.compute_input, padded - started),

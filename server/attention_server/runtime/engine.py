@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import FieldPath, InvalidArgument, Unavailable
-from .batcher import BatchConfig, Batcher, Job, TraceHooks
+from .batcher import BatchConfig, Batcher, Into, Job, TraceHooks
 from .budget import Lease, ResultBudget
 from .heads import FUSIONS
 from .repository import ModelRepository, check_model_name
@@ -265,8 +265,8 @@ class Engine:
         return await self.budget.acquire(nbytes, timeout)
 
     @contextlib.asynccontextmanager
-    async def _submitted(self, plan: Plan, timeout: float | None,
-                         finish: Callable[[SequenceOutput], Any] | None) -> AsyncIterator[list[Job]]:
+    async def _submitted(self, plan: Plan, timeout: float | None, finish: Callable[[SequenceOutput], Any] | None,
+                         into: Into | None = None) -> AsyncIterator[list[Job]]:
         """Queue every sequence of a plan; on exit drop what is still queued and
         count the call as a success (the body finished) or a failure."""
         batcher = self.batcher(plan.model)
@@ -275,7 +275,7 @@ class Engine:
         ok = False
         jobs: list[Job] = []
         try:
-            jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish)
+            jobs = batcher.submit(plan, list(range(len(plan.tokens))), timeout, finish, into)
             yield jobs
             ok = True
         finally:
@@ -284,15 +284,17 @@ class Engine:
             (batcher.stats.success if ok else batcher.stats.fail).add(time.perf_counter_ns() - started)
 
     async def analyze(self, plan: Plan, timeout: float | None = None,
-                      finish: Callable[[SequenceOutput], T] | None = None) -> list[T]:
+                      finish: Callable[[SequenceOutput], T] | None = None, into: Into | None = None) -> list[T]:
         """Every result of a plan in request order (after `finish`, which runs in
         the post-processing thread). `timeout` bounds the time spent queued.
-        The caller holds a reservation for the response (`reserve`)."""
-        async with self._submitted(plan, timeout, finish) as jobs:
+        The caller holds a reservation for the response (`reserve`). `into`: where
+        a sequence computed alone writes its outputs (batcher.Into)."""
+        async with self._submitted(plan, timeout, finish, into) as jobs:
             return list(await asyncio.gather(*(j.future for j in jobs)))
 
     async def analyze_stream(self, plan: Plan, timeout: float | None = None,
-                             finish: Callable[[SequenceOutput], T] | None = None) -> AsyncIterator[T]:
+                             finish: Callable[[SequenceOutput], T] | None = None,
+                             into: Into | None = None) -> AsyncIterator[T]:
         """Results one by one in request order, computed no faster than the caller
         takes them: sequences are queued while the ones computed ahead of what was
         taken stay within `stream_window_bytes` (always at least the next one), and
@@ -317,7 +319,7 @@ class Engine:
         def submit(lease: Lease) -> None:
             nonlocal ahead, submitted
             leases.append(lease)
-            pending[submitted] = batcher.submit(plan, [submitted], remaining(), finish)[0]
+            pending[submitted] = batcher.submit(plan, [submitted], remaining(), finish, into)[0]
             ahead += sizes[submitted]
             submitted += 1
 

@@ -5,7 +5,7 @@ imports none of them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -180,7 +180,8 @@ class Runtime(Protocol):
 
     instances: int
 
-    def run(self, feed: dict[str, np.ndarray], outputs: list[str], wide: bool = True) -> dict[str, np.ndarray]: ...
+    def run(self, feed: dict[str, np.ndarray], outputs: list[str], wide: bool = True,
+            into: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

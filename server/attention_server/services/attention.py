@@ -3,12 +3,14 @@ serves it over gRPC, http_api/v1.py as HTTP/JSON (the protobuf JSON mapping of
 the same messages).
 
 Analyze and AnalyzeStream return wire bytes encoded in the engine's
-post-processing thread (see converters)."""
+post-processing thread (see converters); a response of full matrices only is laid
+out before the run and written by ONNX Runtime in place (converters.Preencoder)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import cast
 
 from attention_client.protocol import attention_pb2 as pb
 
@@ -42,9 +44,15 @@ class AttentionService:
         size = self.response_size.unary(plan, size_factor)
         lease = await self.engine.reserve(int(size * memory_factor), timeout)
         try:
-            results = await self.engine.analyze(plan, timeout, finish=converters.result_parts)
+            if len(plan.tokens) == 1:
+                pre = converters.Preencoder(plan, plan.model.name)
+                results = await self.engine.analyze(plan, timeout, finish=pre.finish, into=pre.into)
+            else:
+                results = await self.engine.analyze(plan, timeout, finish=converters.result_parts)
             with self.engine.span("encode"):
-                parts = converters.analyze_response_parts(plan.model.name, results)
+                if isinstance(results[0], bytes):  # the whole response, laid out and written in place
+                    return results[0], lease
+                parts = converters.analyze_response_parts(plan.model.name, cast(list[converters.Parts], results))
                 if converters.parts_size(parts) <= INLINE_JOIN_BYTES:
                     return b"".join(parts), lease
                 return await asyncio.to_thread(b"".join, parts), lease
@@ -56,7 +64,9 @@ class AttentionService:
         """One encoded SequenceResult a sequence, each within the response size limit."""
         plan = await self.plan(request)
         self.response_size.streamed(plan)
-        async for message in self.engine.analyze_stream(plan, timeout, finish=converters.encode_result):
+        pre = converters.Preencoder(plan, None)
+        async for message in self.engine.analyze_stream(plan, timeout, finish=pre.finish, into=pre.into):
+            assert isinstance(message, bytes)
             yield message
             del message  # not kept while the next one is computed
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+from collections.abc import Mapping
 from typing import cast
 
 import numpy as np
@@ -12,6 +15,7 @@ from attention_client.protocol import dtype_code
 from ..errors import InvalidArgument
 from ..runtime.engine import Limits
 from ..runtime.heads import STATISTICS
+from ..runtime.results import ATTENTIONS, ATTENTIONS_FP16, HIDDEN
 from ..runtime.types import (
     FLOAT16,
     FLOAT32,
@@ -19,8 +23,11 @@ from ..runtime.types import (
     HeadRole,
     ModelMetadata,
     PairTable,
+    Plan,
     SequenceInput,
     SequenceOutput,
+    Tokens,
+    Words,
 )
 
 SEQUENCE_RESULT_ATTENTION = pb.SequenceResult.DESCRIPTOR.fields_by_name["attention"].number
@@ -108,13 +115,17 @@ def _len_key(field: int, length: int) -> bytes:
     return _varint(field << 3 | 2) + _varint(length)
 
 
+def _tensor_header(field: int, dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A Tensor field up to its data: key and length, dtype, shape, the data's key and length."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    head = pb.Tensor(dtype=cast("pb.DataType.ValueType", dtype_code(dtype)), shape=shape).SerializeToString()
+    data_key = _len_key(3, nbytes)
+    return _len_key(field, len(head) + len(data_key) + nbytes) + head + data_key
+
+
 def _tensor_parts(field: int, array: np.ndarray) -> Parts:
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    head = pb.Tensor(dtype=cast("pb.DataType.ValueType", dtype_code(array.dtype)), shape=array.shape)
-    head_bytes = head.SerializeToString()
-    data_key = _len_key(3, array.nbytes)
-    size = len(head_bytes) + len(data_key) + array.nbytes
-    return [_len_key(field, size) + head_bytes + data_key, array.reshape(-1).view(np.uint8).data]
+    return [_tensor_header(field, array.dtype, array.shape), array.reshape(-1).view(np.uint8).data]
 
 
 def _pair_table_pb(table: PairTable, field: int = SEQUENCE_RESULT_PAIRS) -> bytes:
@@ -201,10 +212,10 @@ def _parts_size(parts: Parts) -> int:
     return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
-def result_parts(out: SequenceOutput) -> Parts:
-    """A SequenceResult's wire encoding as a list of buffers (join to get the message)."""
-    msg = pb.SequenceResult(index=out.index, id=out.id, layers=out.layers, heads=out.heads)
-    t = out.tokens
+def _small_fields(index: int, id: str, layers: list[int], heads: list[int], t: Tokens, words: Words | None = None,
+                  head_statistics: np.ndarray | None = None) -> bytes:
+    """A SequenceResult's fields but its pairs and tensors."""
+    msg = pb.SequenceResult(index=index, id=id, layers=layers, heads=heads)
     msg.tokens.extend(
         pb.Token(id=i, text=text, start=s, end=e, word_index=w, special=sp, segment=g)
         for i, text, s, e, w, sp, g in zip(
@@ -212,8 +223,8 @@ def result_parts(out: SequenceOutput) -> Parts:
             t.special.tolist(), t.segment.tolist(), strict=True,
         )
     )
-    if out.words is not None:
-        w = out.words
+    if words is not None:
+        w = words
         msg.words.extend(
             pb.Word(text=text, start=s_, end=e, first_token=a, end_token=b, special=sp, segment=g)
             for text, s_, e, a, b, sp, g in zip(
@@ -221,13 +232,19 @@ def result_parts(out: SequenceOutput) -> Parts:
                 w.special.tolist(), w.segment.tolist(), strict=True,
             )
         )
-    if out.head_statistics is not None:
+    if head_statistics is not None:
         names = STATISTICS
-        for li, layer in enumerate(out.layers):
-            for hi, head in enumerate(out.heads):
-                values = out.head_statistics[li, hi].tolist()
+        for li, layer in enumerate(layers):
+            for hi, head in enumerate(heads):
+                values = head_statistics[li, hi].tolist()
                 msg.head_statistics.add(layer=layer, index=head, statistics=dict(zip(names, values, strict=True)))
-    parts: Parts = [msg.SerializeToString()]
+    return msg.SerializeToString()
+
+
+def result_parts(out: SequenceOutput) -> Parts:
+    """A SequenceResult's wire encoding as a list of buffers (join to get the message)."""
+    parts: Parts = [_small_fields(out.index, out.id, out.layers, out.heads, out.tokens, out.words,
+                                  out.head_statistics)]
     if out.pairs is not None:
         parts.append(_pair_table_bytes(out.pairs))
     if out.word_pairs is not None:
@@ -259,6 +276,100 @@ def analyze_response_parts(model: str, results: list[Parts]) -> Parts:
 
 def parts_size(parts: Parts) -> int:
     return _parts_size(parts)
+
+
+# -- responses laid out before the model runs ---------------------------------------------
+# A result that is only full matrices (no pairs, word-level view, statistics or rollout)
+# has a size and layout known from the plan: the response is allocated whole, its small
+# fields written, and ONNX Runtime writes the matrices into it (IOBinding). The bytes
+# are those result_parts + join would give, without the copy from ONNX Runtime's output
+# into the response (tens of ms for a 512-token sequence). Smaller results keep the
+# ordinary path: the join costs less than a binding there.
+PREENCODE_MIN_BYTES = 1 << 20
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+
+def _uninitialized_bytes(size: int) -> tuple[bytes, int]:
+    """A new bytes object of `size` bytes, not yet filled, and the address of its data.
+    It is filled in place before anything else sees it (as C code does with
+    PyBytes_FromStringAndSize(NULL, size)); zeroing it first would be a pass for nothing."""
+    buffer = cast(bytes, _new_bytes(None, size))
+    return buffer, int(np.frombuffer(buffer, np.uint8).ctypes.data)
+
+
+def preencodable(plan: Plan, index: int) -> bool:
+    """True when the result of sequence `index` can be laid out before it is computed."""
+    options, meta = plan.options, plan.model.metadata
+    return (sys.byteorder == "little"  # ONNX Runtime writes native order; the wire's is little-endian
+            and options.top_k is None and not options.word_level and not options.head_statistics
+            and options.rollout is None and (options.attention or options.hidden_states)
+            and plan.layers == list(range(meta.num_layers)) and plan.heads == list(range(meta.num_heads))
+            and plan.sequence_bytes(index) >= PREENCODE_MIN_BYTES)
+
+
+class Preencoder:
+    """Lays out the responses of a plan's sequences before they are computed (see
+    above): `into` for the engine (called in the compute thread when a sequence runs
+    alone), then `finish` gives its bytes, or encodes a result the usual way when it
+    ran with others. `model`: wrap the result in an AnalyzeResponse (a unary call of
+    one sequence); None: the SequenceResult alone (a streamed message)."""
+
+    def __init__(self, plan: Plan, model: str | None) -> None:
+        self.plan = plan
+        self.model = model
+        self._laid_out: dict[int, tuple[bytes, dict[str, np.ndarray]]] = {}
+
+    def into(self, index: int) -> Mapping[str, np.ndarray] | None:
+        plan = self.plan
+        if not preencodable(plan, index):
+            return None
+        options, meta, tokens = plan.options, plan.model.metadata, plan.tokens[index]
+        n = len(tokens)
+        tensors: list[tuple[str, int, np.dtype, tuple[int, ...]]] = []
+        if options.attention:
+            fp16 = options.attention_dtype == FLOAT16
+            tensors.append((ATTENTIONS_FP16 if fp16 else ATTENTIONS, SEQUENCE_RESULT_ATTENTION,
+                            np.dtype("<f2" if fp16 else "<f4"), (meta.num_layers, meta.num_heads, n, n)))
+        if options.hidden_states:
+            tensors.append((HIDDEN, SEQUENCE_RESULT_HIDDEN, np.dtype("<f4"), (n, meta.hidden_size)))
+        small = _small_fields(index, plan.inputs[index].id, plan.layers, plan.heads, tokens)
+        headers = [_tensor_header(field, dtype, shape) for _, field, dtype, shape in tensors]
+        size = len(small) + sum(len(h) for h in headers) + sum(
+            int(np.prod(shape)) * dtype.itemsize for _, _, dtype, shape in tensors)
+        head = small
+        if self.model is not None:
+            head = pb.AnalyzeResponse(model=self.model).SerializeToString() + _len_key(ANALYZE_RESPONSE_RESULTS,
+                                                                                      size) + small
+        buffer, address = _uninitialized_bytes(len(head) + size - len(small))
+        offset = 0
+        arrays: dict[str, np.ndarray] = {}
+        # Headers in place, each followed by the room its array is written into.
+        pieces = [head + headers[0], *headers[1:]]
+        for piece, (name, _, dtype, shape) in zip(pieces, tensors, strict=True):
+            ctypes.memmove(address + offset, piece, len(piece))
+            offset += len(piece)
+            count = int(np.prod(shape))
+            arrays[name] = np.frombuffer(buffer, dtype, count, offset).reshape((1, *shape))
+            offset += count * dtype.itemsize
+        assert offset == len(buffer)
+        self._laid_out[index] = (buffer, arrays)
+        return arrays
+
+    def finish(self, out: SequenceOutput) -> bytes | Parts:
+        """The laid-out response when `out`'s arrays are the ones written into it; else
+        the result encoded as result_parts (unary) or one message (a stream)."""
+        laid_out = self._laid_out.pop(out.index, None)
+        if laid_out is not None:
+            buffer, arrays = laid_out
+            mine = [a for a in (out.attention, out.hidden_states) if a is not None]
+            if len(mine) == len(arrays) and all(
+                    any(a.ctypes.data == b.ctypes.data and a.nbytes == b.nbytes for b in arrays.values())
+                    for a in mine):
+                return buffer
+        return result_parts(out) if self.model is not None else encode_result(out)
 
 
 def model_info_to_pb(meta: ModelMetadata, limits: Limits, roles: list[HeadRole] | None = None) -> pb.ModelInfo:
