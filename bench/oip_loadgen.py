@@ -2,9 +2,12 @@
 clients, `tritonclient.grpc` or `tritonclient.http`: N worker threads, each with
 its own client object (neither client is thread-safe), each sending its next
 request when the previous answer arrived and reading every output with
-`as_numpy`. Text in (`text`, [1, 1] BYTES), the workload's tensors out; over
-HTTP the outputs come as Triton binary data, or as JSON numbers with
-`--json-outputs`. Prints one JSON line, with the fields of bench.loadgen's.
+`as_numpy`. Text in (`text`, [1, 1] BYTES), or with `--inputs ids` the token
+ids of the same texts (`input_ids` and `attention_mask`, [1, seq] INT64, as any
+BERT model served over the protocol takes them: the peers of bench.peers), the
+workload's tensors out; over HTTP the outputs come as Triton binary data, or as
+JSON numbers with `--json-outputs`. Prints one JSON line, with the fields of
+bench.loadgen's.
 
 Both protocols are driven the same way (threads, one client each) so that the
 difference measured is the protocol and its client, not the harness."""
@@ -24,6 +27,7 @@ import numpy as np
 from bench.workloads import WORKLOADS, Workload
 
 PROTOCOLS = ("grpc", "http")
+INPUTS = ("text", "ids")
 MODEL = "minilm-l6"
 
 
@@ -46,7 +50,9 @@ def oip_parameters(wl: Workload) -> dict[str, Any]:
 class Caller:
     """One worker's client and its prepared requests."""
 
-    def __init__(self, protocol: str, url: str, wl: Workload, texts: list[str], json_outputs: bool) -> None:
+    def __init__(self, protocol: str, url: str, wl: Workload, texts: list[str], json_outputs: bool,
+                 ids: list[list[int]] | None = None, model: str = MODEL) -> None:
+        """`ids`, when given, are sent instead of the texts (input_ids, attention_mask)."""
         if protocol == "grpc":
             import tritonclient.grpc as client_module
         else:
@@ -55,13 +61,23 @@ class Caller:
         kwargs: dict[str, Any] = {} if protocol == "grpc" else {"network_timeout": 120.0}
         self.client = client_module.InferenceServerClient(url, **kwargs)
         self.protocol = protocol
+        self.model = model
         self.names = oip_outputs(wl)
         self.parameters = oip_parameters(wl) or None
         self.requests = []
-        for text in texts:
-            item = client_module.InferInput("text", [1, 1], "BYTES")
-            item.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
-            self.requests.append(item)
+        if ids is not None:
+            for seq in ids:
+                tensors = []
+                for name in ("input_ids", "attention_mask"):
+                    item = client_module.InferInput(name, [1, len(seq)], "INT64")
+                    item.set_data_from_numpy(np.array([seq if name == "input_ids" else [1] * len(seq)], np.int64))
+                    tensors.append(item)
+                self.requests.append(tensors)
+        else:
+            for text in texts:
+                item = client_module.InferInput("text", [1, 1], "BYTES")
+                item.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+                self.requests.append([item])
         if protocol == "grpc":
             self.outputs = [client_module.InferRequestedOutput(n) for n in self.names]
         else:
@@ -70,7 +86,7 @@ class Caller:
     def call(self, i: int) -> tuple[int, int]:
         """One request; (tokens, payload bytes) of its answer."""
         deadline = {"client_timeout": 120.0} if self.protocol == "grpc" else {}  # http: network_timeout
-        result = self.client.infer(MODEL, [self.requests[i % len(self.requests)]], outputs=self.outputs,
+        result = self.client.infer(self.model, self.requests[i % len(self.requests)], outputs=self.outputs,
                                    parameters=self.parameters, **deadline)
         arrays = [result.as_numpy(n) for n in self.names]
         tokens = next((a.shape[1] for a in arrays if a.ndim >= 2), 0)
@@ -81,9 +97,14 @@ class Caller:
 
 
 def run(protocol: str, url: str, workload: str, concurrency: int, duration: float, warmup: float,
-        json_outputs: bool = False) -> dict[str, Any]:
+        json_outputs: bool = False, inputs: str = "text", model: str = MODEL) -> dict[str, Any]:
     wl = WORKLOADS[workload]
     texts = wl.texts(512, seed=concurrency)
+    ids = None
+    if inputs == "ids":
+        from bench.baselines import tokenize
+
+        ids = tokenize(texts)
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     totals = [[0, 0, 0] for _ in range(concurrency)]  # calls (warm-up included), tokens, payload bytes (measured)
     clock: dict[str, Any] = {}
@@ -100,7 +121,8 @@ def run(protocol: str, url: str, workload: str, concurrency: int, duration: floa
         caller = None
         try:
             # Made in the thread that uses it: tritonclient.http's gevent hub is per thread.
-            caller = Caller(protocol, url, wl, texts[k::concurrency], json_outputs)
+            caller = Caller(protocol, url, wl, texts[k::concurrency], json_outputs,
+                            None if ids is None else ids[k::concurrency], model)
             caller.call(0)  # connect
             start.wait()
             i = 1
@@ -133,7 +155,7 @@ def run(protocol: str, url: str, workload: str, concurrency: int, duration: floa
     calls = sum(t[0] for t in totals)
     client_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     return {
-        "workload": workload, "protocol": protocol, "outputs": "json" if json_outputs else "binary",
+        "workload": workload, "protocol": protocol, "outputs": "json" if json_outputs else "binary", "inputs": inputs,
         "concurrency": concurrency, "requests": len(lat), "calls": calls + concurrency,
         "seconds": elapsed, "rps": len(lat) / elapsed, "tokens_per_s": sum(t[1] for t in totals) / elapsed,
         "mb_per_s": sum(t[2] for t in totals) / elapsed / 1e6,
@@ -153,11 +175,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--json-outputs", action="store_true", help="HTTP: outputs as JSON numbers, not binary")
+    parser.add_argument("--inputs", choices=INPUTS, default="text",
+                        help="the texts, or their token ids (input_ids, attention_mask)")
+    parser.add_argument("--model", default=MODEL)
     args = parser.parse_args()
     if args.json_outputs and args.protocol != "http":
         parser.error("--json-outputs is for --protocol http")
     print(json.dumps(run(args.protocol, args.url, args.workload, args.concurrency, args.duration, args.warmup,
-                         args.json_outputs)))
+                         args.json_outputs, args.inputs, args.model)))
 
 
 if __name__ == "__main__":

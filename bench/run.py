@@ -1,8 +1,9 @@
 """`make bench`: the service against in-process ONNX Runtime and HF transformers,
 measured side by side in one run on the real model; then the Open Inference
 Protocol over HTTP against gRPC, and tracing on against off, each in interleaved
-rounds (bench.compare). Prints a markdown report with the ratios, writes
-bench/results/latest.json, latest.md and latest.png."""
+rounds (bench.compare); capacity per core (bench.capacity); and the peers, KServe
+and MLServer, over the Open Inference Protocol (bench.peers). Prints a markdown
+report with the ratios, writes bench/results/latest.json, latest.md and latest.png."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any
 from attention_client import tune_malloc
 from bench import capacity, compare
 from bench.baselines import HfBaseline, OrtBaseline, tokenize
+from bench.peers import measure as peers
+from bench.peers import report as peers_report
 from bench.server import Server
 from bench.workloads import HEAVY, MIXED, ROOT, SHORT, Workload, text_of_length
 
@@ -43,14 +46,16 @@ def machine() -> str:
     return f"{cpu}, {cores} cores, {platform.python_implementation()} {platform.python_version()}"
 
 
-SECTIONS = ("service", "sweep", "http", "tracing", "capacity")
-# What a plain `make bench` runs; capacity (about 3 minutes) only when named: `--only capacity`.
+SECTIONS = ("service", "sweep", "http", "tracing", "capacity", "peers")
+# What a plain `make bench` runs. Only when named (`--only capacity,peers`): capacity
+# (about 3.5 minutes) and peers (KServe and MLServer in their own venvs, `make
+# bench-peers`; 4 minutes or more): with them a run is over the 10 minutes it should take.
 DEFAULT_SECTIONS = ("service", "sweep", "http", "tracing")
 # What each section writes into latest.json.
 SECTION_KEYS = {"service": ("service", "ort", "hf", "rss_kib", "ratios"), "sweep": ("sweep",), "http": ("http",),
-                "tracing": ("tracing",), "capacity": ("capacity",)}
+                "tracing": ("tracing",), "capacity": ("capacity",), "peers": ("peers",)}
 QUICK = {"duration": 2.0, "baseline_seconds": 1.0, "concurrency": [1, 8], "no_hf": True, "no_sweep": True,
-         "rounds": 3, "round_seconds": 2.0}
+         "rounds": 3, "round_seconds": 2.0, "peer_rounds": 2, "peer_seconds": 1.0}
 
 
 def sections(value: str) -> list[str]:
@@ -76,9 +81,12 @@ def main() -> int:
                         help="interleaved rounds of the http, tracing and capacity comparisons")
     parser.add_argument("--round-seconds", type=float, default=3.0,
                         help="seconds per measurement in those rounds")
+    parser.add_argument("--peer-rounds", type=int, default=3, help="interleaved rounds of the peers section")
+    parser.add_argument("--peer-seconds", type=float, default=2.0,
+                        help="seconds per measurement in the peers' rounds (13 measurements a round)")
     parser.add_argument("--quick", action="store_true",
                         help="a shorter run: --duration 2 --baseline-seconds 1 --concurrency 1 8 --no-hf --no-sweep "
-                        "--rounds 3 --round-seconds 2 (flags given as well win)")
+                        "--rounds 3 --round-seconds 2 --peer-rounds 2 --peer-seconds 1 (flags given as well win)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json/.md/.png")
     args = parser.parse_args()
     if args.quick:  # flags given explicitly still win
@@ -112,6 +120,9 @@ def main() -> int:
     if "capacity" in run:
         log("capacity: servers pinned to 1 and 2 cores, interleaved rounds")
         out["capacity"] = capacity.measure(args.rounds, args.round_seconds, log)
+    if "peers" in run:
+        log("peers: KServe and MLServer over the Open Inference Protocol, interleaved rounds")
+        out["peers"] = peers.measure(args.peer_rounds, args.peer_seconds, log)
     for name in run:
         out["dates"][name] = date
         out["machines"][name] = out["machine"]
@@ -260,6 +271,8 @@ def markdown(out: dict[str, Any]) -> str:
         lines += _tracing_markdown(out["tracing"], dates["tracing"])
     if out.get("capacity"):
         lines += capacity.markdown(out["capacity"], dates["capacity"])
+    if out.get("peers"):
+        lines += peers_report.markdown(out["peers"], dates["peers"])
     return "\n".join(lines)
 
 

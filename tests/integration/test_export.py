@@ -1,4 +1,5 @@
-"""attention-export verifies itself and never leaves a half-written model behind."""
+"""attention-export verifies itself and never leaves a half-written model behind, and
+writes the optimized graph: fused where the probabilities survive, never fused attention."""
 
 import json
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import pytest
 
+from attention_server.runtime.repository import sha256_file
 from tests.helpers import MODEL_DIR
 
 
@@ -29,3 +31,24 @@ def test_exported_metadata_records_the_checks():
     assert (meta["num_layers"], meta["num_heads"], meta["max_positions"]) == (6, 12, 512)
     tokenizer = json.loads((MODEL_DIR / "tokenizer.json").read_text())
     assert tokenizer["truncation"] is None and tokenizer["padding"] is None
+
+
+def test_the_graph_is_fused_but_keeps_the_probabilities():
+    import onnx
+
+    from attention_server.export_graph import ATTENTION_KERNELS, op_counts
+
+    meta = json.loads((MODEL_DIR / "model.json").read_text())
+    assert meta["graph"]["optimizer"].startswith("onnxruntime.transformers.optimizer")
+    assert meta["graph"]["fused"]["SkipLayerNormalization"] == 2 * meta["num_layers"]
+    assert meta["graph"]["fused"]["BiasGelu"] == meta["num_layers"]
+    assert sha256_file(MODEL_DIR / meta["onnx_file"]) == meta["sha256"]
+    model = onnx.load(str(MODEL_DIR / meta["onnx_file"]), load_external_data=False)
+    counts = op_counts(model)
+    assert not set(counts) & ATTENTION_KERNELS
+    assert counts["Softmax"] == meta["num_layers"]  # the probabilities are computed, then output
+    assert counts["SkipLayerNormalization"] == 2 * meta["num_layers"] and counts["BiasGelu"] == meta["num_layers"]
+    assert "Erf" not in counts  # every GELU fused
+    assert [o.name for o in model.graph.output] == meta["outputs"]
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
+    assert all(isinstance(batch, str) and isinstance(seq, str) for batch, seq in dims)  # still dynamic
