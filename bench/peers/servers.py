@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench.ort_rss import rss_kib
-from bench.server import process_cpu_seconds
+from bench.server import process_cpu_seconds, stop_process
 from bench.workloads import MODEL_DIR, ROOT
 
 MODEL = "minilm-l6"
@@ -141,13 +141,7 @@ class PeerServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)
         self.log.close()
 
 
