@@ -168,4 +168,4 @@ lock: $(DEV_VENV)/.installed ## recompile requirements/*.txt from requirements/*
 	sed -i 's/^torch==2\.13\.0+cpu$$/torch==2.13.0/' $(CONSTRAINTS)
 
 clean:
-	rm -rf $(VENV) $(EXPORT_VENV) $(DEV_VENV) models/repository
+	rm -rf $(VENV) $(EXPORT_VENV) $(DEV_VENV) $(BENCH_PEERS:%=.venv-bench-%) models/repository
