@@ -35,6 +35,7 @@ import numpy as np
 
 from bench.baselines import pad, tokenize
 from bench.compare import loadavg, measure, measure_paired, spread
+from bench.run import _ratios_markdown
 from bench.server import Server
 from bench.workloads import HEAVY, SHORT, text_of_length
 
@@ -224,10 +225,7 @@ def markdown(out: dict[str, Any]) -> str:
             tps = [r["tokens_per_s"] for r in rounds if "tokens_per_s" in r]
             lines.append(f"| {name} | {np.median(p50) if p50 else float('nan'):.2f} | "
                          f"{np.median(tps) if tps else float('nan'):.0f} |")
-    lines += ["", "| ratio, within each round | median | min-max | per round |", "|---|---:|---:|---|"]
-    for name, r in out["ratios"].items():
-        lines.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['per_round'])} |")
+    lines += _ratios_markdown(out["ratios"])
     return "\n".join(lines)
 
 
