@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -224,7 +225,8 @@ def copies(megabytes: int = 75, repeats: int = 7) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", default="HEAD", help="git revision of the 'before' service (default HEAD)")
+    parser.add_argument("--before", default="HEAD",
+                        help="git revision of the 'before' service (default HEAD; 'none': the working tree alone)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 rounds, shorter runs")
     parser.add_argument("--no-mixed", action="store_true", help="leave out the mixed-load throughput")
@@ -235,100 +237,145 @@ def main() -> int:
     if args.worker:
         worker(args.worker, args.target)
         return 0
+    before = None if args.before == "none" else args.before
+    figures = measure(3 if args.quick else args.rounds, args.quick, before, not args.no_mixed,
+                      lambda msg: print(msg, file=sys.stderr, flush=True))
+    report(figures)
+    if args.out:
+        args.out.write_text(json.dumps(figures))
+    return 0
+
+
+def measure(rounds: int, quick: bool, before: str | None, with_mixed: bool, log: Any) -> dict[str, Any]:
+    """The cases in interleaved rounds: in-process ORT, the working tree's service, and,
+    with `before`, the service at that git revision side by side."""
     from bench.server import Server
 
-    rounds = 3 if args.quick else args.rounds
-    short_s, long_calls, mixed_s = (1.0, 3, 3.0) if args.quick else (2.0, 5, 5.0)
+    short_s, long_calls, mixed_s = (1.0, 3, 3.0) if quick else (2.0, 4, 4.0)
     cases = [("short", short_s, 50), ("full512", 0.0, long_calls), ("topk512", 0.0, long_calls),
              ("topk512x", 0.0, long_calls)]
-    if not args.no_mixed:
+    if with_mixed:
         cases += [(f"mixed{c}", mixed_s, 1) for c in (8, 32, 64)]
     started = time.time()
     load = [os.getloadavg()]
-    with tempfile.TemporaryDirectory(prefix="latency-before-") as tmp:
-        archive = subprocess.run(["git", "archive", args.before, "server", "client"], cwd=ROOT, check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        before_path = f"{tmp}/server:{tmp}/client"
-        with Server(env={"PYTHONPATH": before_path}) as before, Server() as after:
-            servers = {"before": before, "after": after}
-            workers = {"ort": Worker("ort", "", None), "before": Worker("before", before.target, before_path),
-                       "after": Worker("after", after.target, None)}
-            results: dict[str, dict[str, list[dict[str, Any]]]] = {c: {v: [] for v in workers} for c, _, _ in cases}
-            try:
-                for r in range(rounds):
-                    for name, seconds, calls in cases:
-                        order = list(workers)
-                        order = order[r % 3:] + order[:r % 3]
-                        for variant in order:
-                            if variant == "ort" and name.startswith("mixed"):
-                                continue
-                            server = servers.get(variant)
-                            cpu = server.cpu_seconds() if server is not None else 0.0
-                            result = workers[variant].case(name, seconds, calls)
-                            result["server_cpu_s"] = server.cpu_seconds() - cpu if server is not None else 0.0
-                            results[name][variant].append(result)
-                    load.append(os.getloadavg())
-                    print(f"round {r + 1}/{rounds} done, load {load[-1][0]:.2f}", file=sys.stderr, flush=True)
-            finally:
-                for w in workers.values():
-                    w.close()
+    with contextlib.ExitStack() as stack:
+        servers = {"after": stack.enter_context(Server())}
+        workers = {"ort": Worker("ort", "", None), "after": Worker("after", servers["after"].target, None)}
+        if before is not None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="latency-before-"))
+            archive = subprocess.run(["git", "archive", before, "server", "client"], cwd=ROOT, check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            before_path = f"{tmp}/server:{tmp}/client"
+            servers["before"] = stack.enter_context(Server(env={"PYTHONPATH": before_path}))
+            workers["before"] = Worker("before", servers["before"].target, before_path)
+        for w in workers.values():
+            stack.callback(w.close)
+        results: dict[str, dict[str, list[dict[str, Any]]]] = {c: {v: [] for v in workers} for c, _, _ in cases}
+        for r in range(rounds):
+            for name, seconds, calls in cases:
+                order = list(workers)
+                order = order[r % len(order):] + order[:r % len(order)]
+                for variant in order:
+                    if variant == "ort" and name.startswith("mixed"):
+                        continue
+                    server = servers.get(variant)
+                    cpu = server.cpu_seconds() if server is not None else 0.0
+                    result = workers[variant].case(name, seconds, calls)
+                    result["server_cpu_s"] = server.cpu_seconds() - cpu if server is not None else 0.0
+                    results[name][variant].append(result)
+            load.append(os.getloadavg())
+            log(f"latency: round {r + 1}/{rounds} done, load {load[-1][0]:.2f}")
     copy_ms = copies()
     load.append(os.getloadavg())
-    report(results, rounds, copy_ms, load, time.time() - started, args.before)
-    if args.out:
-        args.out.write_text(json.dumps({"results": results, "copies_ms": copy_ms, "load": load}))
-    return 0
+    return {"results": results, "copies_ms": copy_ms, "load": load, "rounds": rounds,
+            "seconds": time.time() - started, "before": before, "targets": targets(results)}
+
+
+# (case, label, percentile of the service's times, target: service / ORT p50 <= target)
+ROWS = [("short", "1 x 16, full attention: p50", 50, 1.3),
+        ("short", "1 x 16, full attention: p99 / ORT p50", 99, 2.0),
+        ("full512", f"1 x {LONG}, full float32 attention, unary", 50, 1.6),
+        ("topk512", f"1 x {LONG}, top_k=5 only", 50, 1.2),
+        ("topk512x", f"1 x {LONG}, top_k=5 only, exclude_special_tokens", 50, 1.2)]
+
+
+def _ratios(results: dict[str, dict[str, list[dict[str, Any]]]], case: str, variant: str, q: int) -> list[float]:
+    ort = [_p(x["times"], 50) for x in results[case]["ort"]]
+    mine = [_p(x["times"], q) for x in results[case][variant]]
+    return [m / o for m, o in zip(mine, ort, strict=True)]
+
+
+def _mixed_ratios(results: dict[str, dict[str, list[dict[str, Any]]]], variant: str, clients: int) -> list[float]:
+    return [a["rps"] / b["rps"] for a, b in zip(results[f"mixed{clients}"][variant], results["mixed8"][variant],
+                                                   strict=True)]
+
+
+def targets(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The working tree's targets, judged on the median of the per-round ratios."""
+    rows = []
+    for case, label, q, target in ROWS:
+        ratios = _ratios(results, case, "after", q)
+        value = statistics.median(ratios)
+        rows.append({"ratio": f"{label}: service / in-process ORT", "value": value, "min": min(ratios),
+                     "max": max(ratios), "target": f"<= {target}", "met": value <= target})
+    if "mixed8" in results:
+        for clients in (32, 64):
+            ratios = _mixed_ratios(results, "after", clients)
+            value = statistics.median(ratios)
+            rows.append({"ratio": f"mixed lengths: req/s at {clients} clients / at 8", "value": value,
+                         "min": min(ratios), "max": max(ratios), "target": ">= 1", "met": value >= 1})
+    return rows
 
 
 def _median_spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def report(results: dict[str, dict[str, list[dict[str, Any]]]], rounds: int, copy_ms: dict[str, float],
-           load: list[tuple[float, float, float]], seconds: float, before: str) -> None:
-    print(f"\n## Latency and copies: before ({before}) / after (working tree) / in-process ORT, "
-          f"{rounds} interleaved rounds, {seconds:.0f} s")
-    print("Load average (1, 5, 15 min): " + "; ".join(" ".join(f"{x:.2f}" for x in entry) for entry in load))
-    print("\n| case | ORT p50 ms | before p50 ms | after p50 ms | before / ORT | after / ORT | target |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    rows = [("short", "1 x 16, full attention: p50", 50, 1.3), ("short", "1 x 16, full attention: p99 / ORT p50", 99,
-                                                                   2.0),
-            ("full512", f"1 x {LONG}, full float32 attention, unary", 50, 1.6),
-            ("topk512", f"1 x {LONG}, top_k=5 only", 50, 1.2),
-            ("topk512x", f"1 x {LONG}, top_k=5 only, exclude_special_tokens", 50, 1.2)]
-    for case, label, q, target in rows:
+def report(figures: dict[str, Any]) -> None:
+    print("\n".join(markdown(figures)))
+
+
+def markdown(figures: dict[str, Any], heading: str = "##") -> list[str]:
+    results, load, before = figures["results"], figures["load"], figures["before"]
+    variants = ["before", "after"] if before is not None else ["after"]
+    names = {"before": f"before ({before})", "after": "service" if before is None else "after (working tree)"}
+    lines = [f"{heading} Latency and copies: {' / '.join(names[v] for v in variants)} / in-process ORT, "
+             f"{figures['rounds']} interleaved rounds, {figures['seconds']:.0f} s ({figures.get('date', 'now')})",
+             "", "Load average (1, 5, 15 min): " + "; ".join(" ".join(f"{x:.2f}" for x in entry) for entry in load),
+             "", "| case | ORT p50 ms | " + " | ".join(f"{names[v]} p50 ms" for v in variants) + " | "
+             + " | ".join(f"{names[v]} / ORT" for v in variants) + " | target |",
+             "|---|---:|" + "---:|" * (2 * len(variants)) + "---|"]
+    for case, label, q, target in ROWS:
         ort = [_p(x["times"], 50) for x in results[case]["ort"]]
         line = [label, f"{statistics.median(ort):.1f}"]
-        ratios = {}
-        for variant in ("before", "after"):
-            mine = [_p(x["times"], q) for x in results[case][variant]]
-            line.append(f"{statistics.median(mine):.1f}")
-            ratios[variant] = [m / o for m, o in zip(mine, ort, strict=True)]
-        line += [_median_spread(ratios["before"]), _median_spread(ratios["after"])]
-        met = "met" if statistics.median(ratios["after"]) <= target else "NOT met"
+        line += [f"{statistics.median([_p(x['times'], q) for x in results[case][v]]):.1f}" for v in variants]
+        line += [_median_spread(_ratios(results, case, v, q)) for v in variants]
+        met = "met" if statistics.median(_ratios(results, case, "after", q)) <= target else "NOT met"
         line.append(f"<= {target} ({met})")
-        print("| " + " | ".join(line) + " |")
-    print("\n| case | server CPU ms/call, before | after | client CPU ms/call, before | after |")
-    print("|---|---:|---:|---:|---:|")
-    for case, label, _, _ in rows[1:]:
+        lines.append("| " + " | ".join(line) + " |")
+    lines += ["", "| case | " + " | ".join(f"server CPU ms/call, {names[v]}" for v in variants) + " | "
+              + " | ".join(f"client CPU ms/call, {names[v]}" for v in variants) + " |",
+              "|---|" + "---:|" * (2 * len(variants))]
+    for case, label, _, _ in ROWS[1:]:
         line = [label.split(":")[0]]
         for key in ("server_cpu_s", "client_cpu_s"):
-            for variant in ("before", "after"):
+            for variant in variants:
                 # every call of the case: the measured ones and the one before them
                 per_call = [1000 * x[key] / (len(x["times"]) + 1) for x in results[case][variant]]
                 line.append(_median_spread(per_call))
-        print("| " + " | ".join(line) + " |")
+        lines.append("| " + " | ".join(line) + " |")
     if "mixed8" in results:
-        print("\n| mixed, req/s | 8 clients | 32 clients | 64 clients | 32 / 8 | 64 / 8 |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for variant in ("before", "after"):
+        lines += ["", "| mixed, req/s | 8 clients | 32 clients | 64 clients | 32 / 8 | 64 / 8 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for variant in variants:
             rps = {c: [x["rps"] for x in results[f"mixed{c}"][variant]] for c in (8, 32, 64)}
-            r32 = [a / b for a, b in zip(rps[32], rps[8], strict=True)]
-            r64 = [a / b for a, b in zip(rps[64], rps[8], strict=True)]
-            print(f"| {variant} | {statistics.median(rps[8]):.1f} | {statistics.median(rps[32]):.1f} | "
-                  f"{statistics.median(rps[64]):.1f} | {_median_spread(r32)} | {_median_spread(r64)} |")
-    print("\nOne 75 MB copy in this process (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in copy_ms.items()))
+            lines.append(f"| {names[variant]} | {statistics.median(rps[8]):.1f} | {statistics.median(rps[32]):.1f} | "
+                         f"{statistics.median(rps[64]):.1f} | {_median_spread(_mixed_ratios(results, variant, 32))} | "
+                         f"{_median_spread(_mixed_ratios(results, variant, 64))} |")
+    lines += ["", "One 75 MB copy in this process (median ms): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in figures["copies_ms"].items())]
+    return lines
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from attention_client import tune_malloc
-from bench import capacity, compare
+from bench import capacity, compare, latency, shm, targets
 from bench.baselines import HfBaseline, OrtBaseline, tokenize
 from bench.peers import measure as peers
 from bench.peers import report as peers_report
@@ -46,16 +46,19 @@ def machine() -> str:
     return f"{cpu}, {cores} cores, {platform.python_implementation()} {platform.python_version()}"
 
 
-SECTIONS = ("service", "sweep", "http", "tracing", "capacity", "peers")
-# What a plain `make bench` runs. Only when named (`--only capacity,peers`): capacity
-# (about 3.5 minutes) and peers (KServe and MLServer in their own venvs, `make
-# bench-peers`; 4 minutes or more): with them a run is over the 10 minutes it should take.
-DEFAULT_SECTIONS = ("service", "sweep", "http", "tracing")
+SECTIONS = ("service", "peers", "latency", "shm", "sweep", "http", "tracing", "capacity")
+# What a plain `make bench` runs: every target of the performance issues (the peers'
+# venvs come from `make bench-peers`, which `make bench` runs first). Only when named
+# (`--only ...`, or `--all`): the sweeps, HTTP against gRPC, tracing on against off
+# (about 3 minutes together) and capacity per core (about 3.5): with them a run is over
+# the 10 minutes it should take.
+DEFAULT_SECTIONS = ("service", "peers", "latency", "shm")
 # What each section writes into latest.json.
 SECTION_KEYS = {"service": ("service", "ort", "hf", "rss_kib", "ratios"), "sweep": ("sweep",), "http": ("http",),
-                "tracing": ("tracing",), "capacity": ("capacity",), "peers": ("peers",)}
-QUICK = {"duration": 2.0, "baseline_seconds": 1.0, "concurrency": [1, 8], "no_hf": True, "no_sweep": True,
-         "rounds": 3, "round_seconds": 2.0, "peer_rounds": 2, "peer_seconds": 1.0}
+                "tracing": ("tracing",), "capacity": ("capacity",), "peers": ("peers",), "latency": ("latency",),
+                "shm": ("shm",)}
+QUICK = {"duration": 1.5, "baseline_seconds": 1.0, "concurrency": [1, 8], "no_hf": True, "no_sweep": True,
+         "rounds": 2, "round_seconds": 1.5, "peer_rounds": 1, "peer_seconds": 1.0}
 
 
 def sections(value: str) -> list[str]:
@@ -70,29 +73,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per service measurement")
     parser.add_argument("--baseline-seconds", type=float, default=3.0)
-    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32, 64])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence length / batch size sweeps")
     parser.add_argument("--only", type=sections, default=list(DEFAULT_SECTIONS),
                         help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: "
                         f"{','.join(DEFAULT_SECTIONS)}); the others are kept, with their dates, from the --out "
                         "folder's latest.json")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds of the http, tracing and capacity comparisons")
+    parser.add_argument("--all", action="store_true", help="every section")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the latency, shm, http, tracing and capacity comparisons")
     parser.add_argument("--round-seconds", type=float, default=3.0,
                         help="seconds per measurement in those rounds")
     parser.add_argument("--peer-rounds", type=int, default=3, help="interleaved rounds of the peers section")
     parser.add_argument("--peer-seconds", type=float, default=2.0,
                         help="seconds per measurement in the peers' rounds (13 measurements a round)")
     parser.add_argument("--quick", action="store_true",
-                        help="a shorter run: --duration 2 --baseline-seconds 1 --concurrency 1 8 --no-hf --no-sweep "
-                        "--rounds 3 --round-seconds 2 --peer-rounds 2 --peer-seconds 1 (flags given as well win)")
+                        help="a shorter run: --duration 1.5 --baseline-seconds 1 --concurrency 1 8 --no-hf --no-sweep "
+                        "--rounds 2 --round-seconds 1.5 --peer-rounds 1 --peer-seconds 1, latency without the mixed "
+                        "load (flags given as well win)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json/.md/.png")
     args = parser.parse_args()
     if args.quick:  # flags given explicitly still win
         parser.set_defaults(**QUICK)
         args = parser.parse_args()
-    run = [s for s in args.only if not (s == "sweep" and args.no_sweep)]
+    only = list(SECTIONS) if args.all else args.only
+    run = [s for s in only if not (s == "sweep" and args.no_sweep)]
     tune_malloc()  # this process is the client of the length sweep (see attention_client.memory)
     started = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M")
@@ -123,6 +129,12 @@ def main() -> int:
     if "peers" in run:
         log("peers: KServe and MLServer over the Open Inference Protocol, interleaved rounds")
         out["peers"] = peers.measure(args.peer_rounds, args.peer_seconds, log)
+    if "latency" in run:
+        log("latency: single calls, 510 tokens, top-k, mixed load against in-process ORT, interleaved rounds")
+        out["latency"] = latency.measure(args.rounds, args.quick, None, not args.quick, log)
+    if "shm" in run:
+        log("shm: heavy through system shared memory, the wire and in-process ORT, interleaved rounds")
+        out["shm"] = shm.measure(args.rounds, args.round_seconds, min(1.0, args.round_seconds / 2))
     for name in run:
         out["dates"][name] = date
         out["machines"][name] = out["machine"]
@@ -254,6 +266,13 @@ def markdown(out: dict[str, Any]) -> str:
     for name in present:  # the sections of each run, in order
         runs.setdefault((dates[name], machines[name]), []).append(name)
     lines = ["Measured: " + "; ".join(f"{', '.join(names)} {d} on {m}" for (d, m), names in runs.items()) + "."]
+    lines += targets.markdown(out)
+    if out.get("peers"):
+        lines += peers_report.markdown(out["peers"], dates["peers"])
+    if out.get("latency"):
+        lines += ["", *latency.markdown({**out["latency"], "date": dates["latency"]})]
+    if out.get("shm"):
+        lines += ["", f"## Shared memory against the wire ({dates['shm']})", "", *shm.table(out["shm"])]
     if out.get("service"):
         lines += _service_markdown(out, dates["service"])
     if out.get("sweep"):
@@ -271,8 +290,6 @@ def markdown(out: dict[str, Any]) -> str:
         lines += _tracing_markdown(out["tracing"], dates["tracing"])
     if out.get("capacity"):
         lines += capacity.markdown(out["capacity"], dates["capacity"])
-    if out.get("peers"):
-        lines += peers_report.markdown(out["peers"], dates["peers"])
     return "\n".join(lines)
 
 

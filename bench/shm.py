@@ -160,6 +160,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 3, 2.0
+    report = measure(args.rounds, args.seconds, args.warmup)
+    print(json.dumps(report, indent=1))
+    print("\n".join(table(report)))
+
+
+def measure(rounds: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """The four paths in interleaved rounds, their medians and the targets."""
     wl = WORKLOADS["heavy"]
     ids = tokenize(wl.texts(256, seed=CALLERS))
     ort = OrtBaseline()
@@ -167,46 +174,51 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {"ort_b8": [], "grpc_binary": [], "shm": [], "shm_b8": []}
     load = [os.getloadavg()]
     with Server("--shared-memory") as server:
-        for r in range(args.rounds):
+        for r in range(rounds):
             paths = list(results)
             for path in paths[r % len(paths):] + paths[:r % len(paths)]:  # interleaved: each goes first in turn
                 if path == "ort_b8":
-                    o = ort.run(batches, list(OUTPUTS), args.seconds)
+                    o = ort.run(batches, list(OUTPUTS), seconds)
                     results[path].append({"rps": o["sequences_per_s"], "p50_ms": o["p50_ms"]})
                 elif path == "grpc_binary":
-                    g = oip_loadgen.run("grpc", server.target, "heavy", CALLERS, args.seconds, args.warmup,
+                    g = oip_loadgen.run("grpc", server.target, "heavy", CALLERS, seconds, warmup,
                                         inputs="ids")
                     results[path].append({"rps": g["rps"], "p50_ms": g["p50_ms"],
                                           "client_cpu_ms_per_call": g["client_cpu_ms_per_call"]})
                 elif path == "shm":
-                    results[path].append(run_shm(server.target, ids, args.seconds, args.warmup))
+                    results[path].append(run_shm(server.target, ids, seconds, warmup))
                 else:  # one caller, the 8 sequences in one request: a batch job's way
-                    results[path].append(run_shm(server.target, ids, args.seconds, args.warmup, 1, CALLERS))
+                    results[path].append(run_shm(server.target, ids, seconds, warmup, 1, CALLERS))
             load.append(os.getloadavg())
     medians = {path: {key: float(np.median([x[key] for x in runs])) for key in runs[0]}
                for path, runs in results.items()}
     ratio = medians["shm"]["rps"] / medians["ort_b8"]["rps"]
     cpu = medians["shm"]["client_cpu_ms_per_call"]
-    report = {"rounds": args.rounds, "seconds": args.seconds, "loadavg_1m": [round(x[0], 2) for x in load],
-              "cores": os.cpu_count(), "runs": results, "medians": medians,
-              "targets": {"shm / in-process ORT batch 8": {"measured": ratio, "target": f">= {TARGET_RATIO}",
-                                                           "met": ratio >= TARGET_RATIO},
-                          "shm client CPU ms per sequence": {"measured": cpu, "target": f"< {TARGET_CPU_MS}",
-                                                             "met": cpu < TARGET_CPU_MS}}}
-    print(json.dumps(report, indent=1))
-    print(f"\nheavy: {CALLERS} callers x 1 x 128 tokens, full float32 attention + hidden states; "
-          f"{args.rounds} interleaved rounds of {args.seconds:g} s; medians; load average (1 min) "
-          f"{min(report['loadavg_1m'])}-{max(report['loadavg_1m'])} on {os.cpu_count()} cores")
-    print(f"{'path (client CPU: per sequence)':<34}{'seq/s':>8}{'p50 ms':>9}{'client CPU ms/seq':>19}{'x ORT b8':>10}")
+    return {"rounds": rounds, "seconds": seconds, "loadavg_1m": [round(x[0], 2) for x in load],
+            "cores": os.cpu_count(), "runs": results, "medians": medians,
+            "targets": {"shm / in-process ORT batch 8": {"measured": ratio, "target": f">= {TARGET_RATIO}",
+                                                         "met": ratio >= TARGET_RATIO},
+                        "shm client CPU ms per sequence": {"measured": cpu, "target": f"< {TARGET_CPU_MS}",
+                                                           "met": cpu < TARGET_CPU_MS}}}
+
+
+def table(report: dict[str, Any]) -> list[str]:
+    medians = report["medians"]
+    lines = [f"heavy: {CALLERS} callers x 1 x 128 tokens, full float32 attention + hidden states; "
+             f"{report['rounds']} interleaved rounds of {report['seconds']:g} s; medians; load average (1 min) "
+             f"{min(report['loadavg_1m'])}-{max(report['loadavg_1m'])} on {report['cores']} cores", "",
+             "| path | seq/s | p50 ms | client CPU ms/seq | x ORT b8 |", "|---|---:|---:|---:|---:|"]
     labels = {"ort_b8": "in-process ORT, batch 8", "grpc_binary": "OIP gRPC, binary tensors",
               "shm": "OIP gRPC, system shared memory",
-              "shm_b8": "  the same, 1 caller x batch 8"}
+              "shm_b8": "the same, 1 caller x batch 8"}
     for path, m in medians.items():
         cpu_text = f"{m['client_cpu_ms_per_call']:.3f}" if "client_cpu_ms_per_call" in m else "-"
-        print(f"{labels[path]:<34}{m['rps']:>8.1f}{m['p50_ms']:>9.1f}{cpu_text:>19}"
-              f"{m['rps'] / medians['ort_b8']['rps']:>10.2f}")
+        lines.append(f"| {labels[path]} | {m['rps']:.1f} | {m['p50_ms']:.1f} | {cpu_text} | "
+                     f"{m['rps'] / medians['ort_b8']['rps']:.2f} |")
+    lines.append("")
     for name, t in report["targets"].items():
-        print(f"target {name}: {t['measured']:.3f} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+        lines.append(f"target {name}: {t['measured']:.3f} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -77,3 +77,23 @@ def test_benchmark_measures_capacity_per_core(tmp_path):
     assert cap["workloads"]["heavy"]["reply_bytes"] > 6 * 12 * 128 * 128 * 4  # full float32 attention
     assert cap["keda"]["threshold"] > 0
     assert "## Capacity per core" in done.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_measures_the_latency_and_shared_memory_targets(tmp_path):
+    """One short round of the latency and shm sections: every target row of both, in the one table."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--only", "latency,shm", "--quick", "--rounds", "1", "--round-seconds",
+         "0.5", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "latest.json").read_text())
+    lat, shm = out["latency"], out["shm"]
+    assert set(lat["results"]) == {"short", "full512", "topk512", "topk512x"}  # --quick: no mixed load
+    for case in lat["results"].values():
+        assert len(case["ort"]) == len(case["after"]) == 1 and all(t > 0 for t in case["after"][0]["times"])
+    assert len(lat["targets"]) == 5 and all(r["value"] > 0 for r in lat["targets"])
+    assert shm["medians"]["shm"]["rps"] > 0 and len(shm["targets"]) == 2
+    assert "## Targets: " in done.stdout and "| latency | 1 x 510, full float32 attention" in done.stdout
+    assert "| shm | shm / in-process ORT batch 8 |" in done.stdout
