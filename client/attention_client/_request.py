@@ -74,6 +74,20 @@ def _indices(field: str, values: Iterable[int] | None, what: str) -> list[int]:
     return [int(v) for v in items]
 
 
+def _hidden_states_layers(values: Iterable[int] | None) -> list[int]:
+    """None: none. Layers are numbered as Hugging Face's output_hidden_states (0: embeddings)."""
+    field = "options.hidden_states_layers"
+    if values is not None and not isinstance(values, (str, bytes)) and isinstance(values, Iterable):
+        values = list(values)
+        if not values:
+            raise invalid(field, "must not be empty; list at least one layer (0: embeddings), or pass None "
+                                 "(the default) for none")
+    try:
+        return _indices(field, values, "layer")
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(str(exc).replace("or None for all layers", "or None for none")) from None
+
+
 def _flag(field: str, value: object) -> bool:
     if not _is_bool(value):
         raise invalid(field, f"must be True or False, got {_short(value)}")
@@ -93,6 +107,8 @@ def build_options(
     word_level: bool,
     head_statistics: bool,
     rollout: Fusion | None,
+    hidden_states_layers: Iterable[int] | None = None,
+    query_key: bool = False,
 ) -> pb.AnalyzeOptions:
     """Validated AnalyzeOptions (InvalidArgumentError naming the first bad field)."""
     options = pb.AnalyzeOptions(
@@ -103,6 +119,8 @@ def build_options(
         exclude_special_tokens=_flag("options.exclude_special_tokens", exclude_special_tokens),
         word_level=_flag("options.word_level", word_level),
         head_statistics=_flag("options.head_statistics", head_statistics),
+        hidden_states_layers=_hidden_states_layers(hidden_states_layers),
+        query_key=_flag("options.query_key", query_key),
     )
     if attention_dtype not in DTYPES:
         raise invalid("options.attention_dtype", f"must be 'float32' or 'float16', got {_short(attention_dtype)}")

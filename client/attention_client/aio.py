@@ -85,6 +85,8 @@ class AsyncAttentionClient(_CallDefaults):
         word_level: bool = False,
         head_statistics: bool = False,
         rollout: Fusion | None = None,
+        hidden_states_layers: Iterable[int] | None = None,
+        query_key: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AnalyzeResult:
@@ -93,7 +95,8 @@ class AsyncAttentionClient(_CallDefaults):
             layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
             hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
             exclude_special_tokens=exclude_special_tokens, word_level=word_level,
-            head_statistics=head_statistics, rollout=rollout)
+            head_statistics=head_statistics, rollout=rollout,
+            hidden_states_layers=hidden_states_layers, query_key=query_key)
         request = single_request(sequence, text_pair=text_pair, model=model, options=options)
         [result] = await self._unary(request, timeout, metadata)
         return result
@@ -116,6 +119,8 @@ class AsyncAttentionClient(_CallDefaults):
         word_level: bool = False,
         head_statistics: bool = False,
         rollout: Fusion | None = None,
+        hidden_states_layers: Iterable[int] | None = None,
+        query_key: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> list[AnalyzeResult]:
@@ -124,7 +129,8 @@ class AsyncAttentionClient(_CallDefaults):
             layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
             hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
             exclude_special_tokens=exclude_special_tokens, word_level=word_level,
-            head_statistics=head_statistics, rollout=rollout)
+            head_statistics=head_statistics, rollout=rollout,
+            hidden_states_layers=hidden_states_layers, query_key=query_key)
         request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
         return await self._unary(request, timeout, metadata)
 
@@ -146,6 +152,8 @@ class AsyncAttentionClient(_CallDefaults):
         word_level: bool = False,
         head_statistics: bool = False,
         rollout: Fusion | None = None,
+        hidden_states_layers: Iterable[int] | None = None,
+        query_key: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncIterator[AnalyzeResult]:
@@ -155,7 +163,8 @@ class AsyncAttentionClient(_CallDefaults):
             layers=layers, heads=heads, attention=attention, attention_dtype=attention_dtype,
             hidden_states=hidden_states, top_k=top_k, min_strength=min_strength,
             exclude_special_tokens=exclude_special_tokens, word_level=word_level,
-            head_statistics=head_statistics, rollout=rollout)
+            head_statistics=head_statistics, rollout=rollout,
+            hidden_states_layers=hidden_states_layers, query_key=query_key)
         request = batch_request(sequences, text_pairs=text_pairs, ids=ids, model=model, options=options)
         return self._stream(request, self._kw(timeout, metadata))
 

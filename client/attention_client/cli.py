@@ -111,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--html", type=Path, metavar="PATH",
                          help="write an interactive head view (offline HTML); with several texts, one page per "
                               "text (PATH's name + -<N>) and at PATH a page to pick among them")
+    analyze.add_argument("--hidden-states-layers", type=int, nargs="+", metavar="N",
+                         help="also the hidden states of these layers (0: embeddings .. num_layers: last layer), "
+                              "into --npz / --json")
+    analyze.add_argument("--query-key", action="store_true",
+                         help="also the query and key vectors of the selected layers/heads, into --npz / --json")
     analyze.add_argument("--stream", action="store_true",
                          help="use AnalyzeStream: each result is written as soon as it is computed")
     analyze.add_argument("--batch-size", type=int, metavar="N",
@@ -172,6 +177,8 @@ def _check_analyze_args(args: argparse.Namespace, stderr_tty: bool) -> bool:
         raise InputError("--npz: needs a file path (.npz is binary)")
     if args.html is not None and str(args.html) == "-":
         raise InputError("--html: needs a file path")
+    if (args.hidden_states_layers or args.query_key) and not (args.npz or args.json):
+        raise InputError("--hidden-states-layers / --query-key: their arrays go to --npz or --json; give one")
     if args.progress and not _has_tqdm():
         raise InputError("--progress needs tqdm: pip install 'attention-client[cli]'")
     if args.progress is None:
@@ -235,15 +242,18 @@ def _call(client: AttentionClient, args: argparse.Namespace, chunk: list[Item],
         model=args.model, layers=args.layers, heads=args.heads, top_k=args.top_k, min_strength=args.min_strength,
         exclude_special_tokens=not args.include_special, attention=full, hidden_states=full,
         attention_dtype="float16" if args.float16 else "float32", word_level=args.words or bool(args.html),
-        head_statistics=bool(args.html),
+        head_statistics=bool(args.html), hidden_states_layers=args.hidden_states_layers, query_key=args.query_key,
     )
 
 
 def _heads(info: ModelInfo) -> None:
-    print(f"{info.name}: {len(info.heads)} heads")
+    grouped = 0 < info.num_key_value_heads < info.num_heads
+    print(f"{info.name}: {len(info.heads)} heads" + (f", {info.num_key_value_heads} key/value heads" * grouped)
+          + (" (causal)" if info.causal else ""))
     for h in info.heads:
         stats = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.statistics.items()))
-        print(f"  layer {h.layer:>2} head {h.index:>2}  {h.role or '-':<14} {h.family or '-':<18} {stats}".rstrip())
+        kv = f" kv {h.kv_head:>2}" if grouped else ""
+        print(f"  layer {h.layer:>2} head {h.index:>2}{kv}  {h.role or '-':<14} {h.family or '-':<18} {stats}".rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:

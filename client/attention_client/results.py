@@ -6,7 +6,7 @@ import functools
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,11 @@ import numpy.typing as npt
 from ._proto.attention.v1 import attention_pb2 as pb
 from .errors import InvalidArgumentError
 from .tensors import from_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from .bertviz import BertvizInput
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class Head:
     statistics: dict[str, float] = field(default_factory=dict)
     family: str = ""
     role_score: float = 0.0
+    kv_head: int = 0
+    """The key/value head this query head reads (GetModel; itself without grouped-query attention)."""
 
 
 def _head_pairs(messages: Iterable[pb.HeadPairs]) -> list[HeadPairs]:
@@ -74,8 +81,10 @@ def _head_pairs(messages: Iterable[pb.HeadPairs]) -> list[HeadPairs]:
 FloatArray: TypeAlias = npt.NDArray[np.floating[Any]]
 """A float32 or float16 numpy array (float16 only for attention asked as "float16")."""
 
-TensorName: TypeAlias = Literal["attention", "hidden_states", "word_attention", "rollout"]
-TENSORS: tuple[TensorName, ...] = ("attention", "hidden_states", "word_attention", "rollout")
+TensorName: TypeAlias = Literal["attention", "hidden_states", "word_attention", "rollout", "layer_hidden_states",
+                                "queries", "keys"]
+TENSORS: tuple[TensorName, ...] = ("attention", "hidden_states", "word_attention", "rollout", "layer_hidden_states",
+                                   "queries", "keys")
 # Serializes the one-time copy of a result's arrays (two threads reading one result).
 _COPY_LOCK = threading.Lock()
 
@@ -91,6 +100,9 @@ class AnalyzeResult:
     - `hidden_states` [seq, hidden], float32.
     - `word_attention` [len(layers), len(heads), words, words] (word_level=True).
     - `rollout` [layers, seq, seq] (rollout="mean"/"max"/"min").
+    - `layer_hidden_states` [len(hidden_states_layers), seq, hidden], float32, and
+      `hidden_states_by_layer` {layer: [seq, hidden]} (hidden_states_layers=[...]).
+    - `queries`, `keys` [len(layers), len(heads), seq, head_dim], float32 (query_key=True).
 
     They are ordinary writable numpy arrays owned by this result: torch.from_numpy,
     bertviz and in-place maths work without read-only warnings. They arrive as views
@@ -165,6 +177,37 @@ class AnalyzeResult:
         """[layers, seq, seq]: entry l is the rollout through layers 0..l; None unless rollout was asked."""
         return self._array("rollout")
 
+    @property
+    def hidden_states_layers(self) -> list[int]:
+        """The layers `layer_hidden_states` covers (0: embeddings .. num_layers: last layer)."""
+        return list(self._msg.hidden_states_layers)
+
+    @property
+    def layer_hidden_states(self) -> FloatArray | None:
+        """[len(hidden_states_layers), seq, hidden]; None unless hidden_states_layers was asked."""
+        return self._array("layer_hidden_states")
+
+    @property
+    def hidden_states_by_layer(self) -> dict[int, FloatArray]:
+        """{layer: [seq, hidden]} for the layers asked with hidden_states_layers (0: the
+        embeddings, as Hugging Face's output_hidden_states[0]); empty when none were asked."""
+        stacked = self.layer_hidden_states
+        if stacked is None:
+            return {}
+        return {layer: stacked[k] for k, layer in enumerate(self.hidden_states_layers)}
+
+    @property
+    def queries(self) -> FloatArray | None:
+        """[len(layers), len(heads), seq, head_dim] query vectors (query_key=True), else None.
+        softmax(queries[l, h] @ keys[l, h].T / sqrt(head_dim) + mask) is attention[l, h]."""
+        return self._array("queries")
+
+    @property
+    def keys(self) -> FloatArray | None:
+        """[len(layers), len(heads), seq, head_dim] key vectors (query_key=True), else None; with
+        grouped-query attention, those of the key/value head each query head reads."""
+        return self._array("keys")
+
     @functools.cached_property
     def tokens(self) -> list[Token]:
         return [Token(t.id, t.text, t.start, t.end, t.word_index, t.special, t.segment) for t in self._msg.tokens]
@@ -214,6 +257,21 @@ class AnalyzeResult:
         matrix: FloatArray = attention[self.layers.index(layer), self.heads.index(head)]
         return matrix
 
+    @overload
+    def to_bertviz(self, framework: Literal["torch"] = "torch") -> BertvizInput[torch.Tensor]: ...
+
+    @overload
+    def to_bertviz(self, framework: Literal["numpy"]) -> BertvizInput[FloatArray]: ...
+
+    def to_bertviz(self, framework: Literal["torch", "numpy"] = "torch") -> BertvizInput[Any]:
+        """(attention, tokens, sentence_b_start) as bertviz's head_view/model_view take them:
+        `head_view(*result.to_bertviz())`. Torch tensors by default (bertviz needs them; torch
+        is imported only here), numpy with framework="numpy". Needs layers 0..L-1 and heads
+        0..H-1; see attention_client.bertviz."""
+        from .bertviz import to_bertviz
+
+        return to_bertviz(self, framework)
+
     def pair_rows(self) -> list[tuple[int, int, str, str, float]]:
         """(layer, head, from token, to token, strength) for every returned pair."""
         texts = self.token_texts
@@ -247,6 +305,18 @@ class ModelInfo:
     sha256: str
     heads: list[Head]
     max_batch_size: int
+    model_type: str = ""
+    causal: bool = False
+    """Token i attends to tokens 0..i only (a decoder); attention is zero above the diagonal."""
+    num_key_value_heads: int = 0
+    """Fewer than num_heads with grouped-query attention (`Head.kv_head` says which one a head reads)."""
+    position_embedding: str = ""
+    """"absolute" or "rotary"."""
+    head_dim: int = 0
+    supports_hidden_states_layers: bool = False
+    supports_query_key: bool = False
+    query_key_scaling: list[float] = field(default_factory=list)
+    """Per layer: attention = softmax(query_key_scaling[l] * q @ k.T + mask) (usually 1/sqrt(head_dim))."""
 
     @classmethod
     def from_pb(cls, msg: pb.ModelInfo) -> ModelInfo:
@@ -264,6 +334,15 @@ class ModelInfo:
             output_names=list(msg.output_names),
             opset=msg.opset,
             sha256=msg.sha256,
-            heads=[Head(h.layer, h.index, h.role, dict(h.statistics), h.family, h.role_score) for h in msg.heads],
+            heads=[Head(h.layer, h.index, h.role, dict(h.statistics), h.family, h.role_score, h.kv_head)
+                   for h in msg.heads],
             max_batch_size=msg.max_batch_size,
+            model_type=msg.model_type,
+            causal=msg.causal,
+            num_key_value_heads=msg.num_key_value_heads,
+            position_embedding=msg.position_embedding,
+            head_dim=msg.head_dim,
+            supports_hidden_states_layers=msg.supports_hidden_states_layers,
+            supports_query_key=msg.supports_query_key,
+            query_key_scaling=list(msg.query_key_scaling),
         )

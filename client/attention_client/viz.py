@@ -1,5 +1,6 @@
 """Pictures of heads: heatmap PNGs (matplotlib, the `plot` extra) and a
-self-contained interactive HTML head view (no CDN, works offline)."""
+self-contained interactive HTML page (no CDN, works offline) with a head view and
+a model view. For bertviz itself, see AnalyzeResult.to_bertviz()."""
 
 from __future__ import annotations
 
@@ -66,7 +67,9 @@ def explorer_html() -> str:
 
 def head_view_html(result: AnalyzeResult, info: ModelInfo | None = None, path: str | Path | None = None) -> str:
     """A self-contained HTML page: pick a layer and head, hover a word to see its
-    pairs as lines of varying strength, with the head's role and statistics."""
+    pairs as lines of varying strength, with the head's role and statistics; "All heads"
+    (or `#all-heads` in the URL) shows every returned head as a small heatmap, a row per
+    layer, and a click opens one."""
     html = render_page(view_data(result, info), "static")
     if path is not None:
         Path(path).write_text(html)

@@ -1,17 +1,26 @@
-"""Export a BERT-family Hugging Face model folder to ONNX with per-head attention.
+"""Export a Hugging Face model folder to ONNX with per-head attention.
 
-Build-time tooling (needs the `export` extra: torch, transformers, onnx,
-onnxscript); the server never imports this module. Writes one folder per model
-into the model repository:
+Supported: BERT, RoBERTa, DistilBERT, GPT-2 and Llama-style decoders (rotary
+positions, grouped-query attention); anything else fails naming these
+(export_arch.py). Build-time tooling (needs the `export` extra: torch,
+transformers, onnx, onnxscript); the server never imports this module. Writes one
+folder per model into the model repository:
 
     <repository>/<name>/model.onnx       outputs last_hidden_state, attentions
+                                         [batch, layers, heads, seq, seq] (one per
+                                         query head), attentions_fp16, and per layer
+                                         hidden_states_<i>, query_<l>, key_<l>
     <repository>/<name>/tokenizer.json   truncation and padding switched off
-    <repository>/<name>/model.json       metadata (see runtime.types.ModelMetadata)
+    <repository>/<name>/model.json       metadata (see runtime.types.ModelMetadata
+                                         and docs/models.md)
 
+The per-layer outputs are tensors the graph computes anyway (export_capture.py).
 The graph is rewritten by ONNX Runtime's transformer optimizer with every fusion
-that keeps the softmax probabilities (export_graph.py; --no-optimize skips it).
-The export checks itself against the eager PyTorch model on a few sentences,
-batched with padding, and fails above --tolerance max abs difference.
+that keeps the softmax probabilities, for the architectures it has a model type
+for (export_graph.py; --no-optimize skips it). The export checks itself against
+the eager PyTorch model on a few sentences, batched with right padding, and fails
+above --tolerance max abs difference; an optimized graph that fails it is
+replaced by the plain one, and model.json's "graph" says so.
 
 --int8 also writes <name>-int8 next to it: the MatMuls quantized to int8
 (dynamic quantization), checked against the float32 graph on the probe corpus
@@ -26,6 +35,8 @@ exported graph" in docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import inspect
 import json
 import logging
@@ -33,6 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +65,6 @@ VERIFY_SENTENCES = [
     "A much longer sentence, written so that the batch has real padding: it goes on about attention "
     "weights, hidden states, softmax probabilities, and the people who read them to debug models.",
 ]
-# Position embeddings of these architectures start after the padding index.
-POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 INT8_SUFFIX = "-int8"
 
 
@@ -70,38 +80,13 @@ def _load(source: Path) -> tuple[Any, Any]:
     return config, model
 
 
-class _AttentionWrapper:
-    """Wraps the HF model so the graph returns (last_hidden_state, stacked attentions)."""
-
-    @staticmethod
-    def build(model: Any, with_token_types: bool) -> Any:
-        import torch
-
-        class Wrapper(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, attention_mask, token_type_ids=None):  # type: ignore[no-untyped-def]
-                kwargs = {"token_type_ids": token_type_ids} if with_token_types else {}
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    output_attentions=True,
-                    return_dict=True,
-                    **kwargs,
-                )
-                # [batch, layers, heads, seq, seq]
-                return out.last_hidden_state, torch.stack(out.attentions, dim=1)
-
-        return Wrapper().eval()
-
-
-def _batch(tokenizer: Any, sentences: list[str], with_token_types: bool) -> dict[str, np.ndarray]:
+def _batch(tokenizer: Any, sentences: list[str], with_token_types: bool, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded with `pad_id` and an attention mask, as the server's runtime pads."""
     encodings = [tokenizer.encode(s) for s in sentences]
     length = max(len(e.ids) for e in encodings)
     arrays = {name: np.zeros((len(encodings), length), dtype=np.int64) for name in
               ["input_ids", "attention_mask", "token_type_ids"]}
+    arrays["input_ids"][:] = pad_id
     for row, enc in enumerate(encodings):
         n = len(enc.ids)
         arrays["input_ids"][row, :n] = enc.ids
@@ -112,48 +97,58 @@ def _batch(tokenizer: Any, sentences: list[str], with_token_types: bool) -> dict
     return arrays
 
 
-def _special_tokens(source: Path, tokenizer: Any) -> dict[str, dict[str, Any]]:
-    names = {}
-    special_map = source / "special_tokens_map.json"
-    if special_map.exists():
-        for key, value in json.loads(special_map.read_text()).items():
-            text = value["content"] if isinstance(value, dict) else value
-            if isinstance(text, str):
-                names[key.removesuffix("_token")] = text
-    out = {}
-    for name, text in names.items():
-        token_id = tokenizer.token_to_id(text)
-        if token_id is not None:
-            out[name] = {"text": text, "id": int(token_id)}
-    return out
+def _output_names(layers: int, last_is_own: bool) -> dict[str, list[str]]:
+    """The graph's outputs, in the wrapper's order, grouped as model.json lists them."""
+    hidden = [f"hidden_states_{i}" for i in range(layers + 1)]
+    if not last_is_own:  # HF's last hidden state is last_hidden_state itself: no second output for it
+        hidden[layers] = "last_hidden_state"
+    return {"hidden_states_outputs": hidden, "query_outputs": [f"query_{i}" for i in range(layers)],
+            "key_outputs": [f"key_{i}" for i in range(layers)]}
+
+
+def _graph_outputs(names: dict[str, list[str]]) -> list[str]:
+    hidden = [n for n in names["hidden_states_outputs"] if n != "last_hidden_state"]
+    return [*OUTPUTS, *hidden, *names["query_outputs"], *names["key_outputs"]]
 
 
 def export(source: Path, repository: Path, name: str, origin: str, tolerance: float = 1e-4,
            optimize: bool = True) -> Path:
     """Export `source` (config.json, weights, tokenizer.json) into repository/name."""
+    from . import export_arch
+
+    started = time.perf_counter()
+    arch = export_arch.architecture(source)  # fails fast, before torch loads
+
     import onnx
     import onnxruntime as ort
     import torch
     import transformers
     from tokenizers import Tokenizer
 
+    from . import export_capture
     from .runtime.repository import sha256_file
 
-    started = time.perf_counter()
     config, model = _load(source)
     with_token_types = (
         "token_type_ids" in inspect.signature(model.forward).parameters
-        and getattr(config, "type_vocab_size", 0) > 0
+        and getattr(config, "type_vocab_size", 0) > 1
     )
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
     # The shipped tokenizer may truncate and pad to a fixed length (all-MiniLM
     # does: 128). The service pads itself and never truncates.
     tokenizer.no_truncation()
     tokenizer.no_padding()
+    special = export_arch.special_tokens(source, tokenizer, config)
+    pad = export_arch.padding(config, special)
+    layers = int(config.num_hidden_layers)
 
-    wrapper = _AttentionWrapper.build(model, with_token_types)
+    wrapper = export_capture.build(model, with_token_types)
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_types else [])
-    sample = {k: torch.from_numpy(v) for k, v in _batch(tokenizer, VERIFY_SENTENCES[:2], with_token_types).items()}
+    sample = {k: torch.from_numpy(v) for k, v in
+              _batch(tokenizer, VERIFY_SENTENCES[:2], with_token_types, pad["pad_token_id"]).items()}
+    layout = wrapper.layout(*(sample[k] for k in inputs))
+    names = _output_names(layers, layout["last_is_own"])
+    outputs = _graph_outputs(names)
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence")
     target = repository / name
@@ -166,7 +161,7 @@ def export(source: Path, repository: Path, name: str, origin: str, tolerance: fl
             tuple(sample[k] for k in inputs),
             str(onnx_path),
             input_names=inputs,
-            output_names=OUTPUTS,
+            output_names=outputs,
             opset_version=OPSET,
             dynamo=True,
             external_data=False,
@@ -174,38 +169,37 @@ def export(source: Path, repository: Path, name: str, origin: str, tolerance: fl
         )
         _add_float16_attention(onnx_path)
         onnx.checker.check_model(str(onnx_path))
-        graph: dict[str, Any] = {"optimizer": None}
-        if optimize:
-            from .export_graph import OPTIMIZER
-            from .export_graph import optimize as optimize_graph
-
-            fused = optimize_graph(onnx_path, config.num_hidden_layers, config.num_attention_heads,
-                                   config.hidden_size)
-            onnx.checker.check_model(str(onnx_path))
-            graph = {"optimizer": OPTIMIZER, "fused": fused}
-        diffs = _verify(onnx_path, wrapper, tokenizer, with_token_types, inputs)
+        check = functools.partial(_verify, wrapper=wrapper, tokenizer=tokenizer, with_token_types=with_token_types,
+                                  inputs=inputs, outputs=outputs, pad_id=pad["pad_token_id"],
+                                  causal=export_arch.attention_facts(config, arch)["causal"])
+        graph, diffs = _optimized_or_plain(onnx_path, arch, config, optimize, tolerance, check,
+                                           names["key_outputs"])
         worst = max(diffs.values())
         log.info("verification against eager PyTorch: %s", diffs)
         if not worst <= tolerance:
             raise SystemExit(f"export verification failed: max abs difference {worst:.3g} > {tolerance:g} ({diffs})")
 
         tokenizer.save(str(staging / "tokenizer.json"))
-        max_positions = config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
+        max_positions = config.max_position_embeddings - arch.position_offset
         metadata = {
             "name": name,
             "source": origin,
             "architecture": (config.architectures or [type(model).__name__])[0],
             "model_type": config.model_type,
-            "num_layers": config.num_hidden_layers,
+            "num_layers": layers,
             "num_heads": config.num_attention_heads,
+            **export_arch.attention_facts(config, arch),
+            "head_dim": layout["head_dim"],
             "hidden_size": config.hidden_size,
             "max_positions": int(max_positions),
             "vocab_size": config.vocab_size,
-            "special_tokens": _special_tokens(source, tokenizer),
-            "pad_token_id": int(config.pad_token_id or 0),
-            "continuing_subword_prefix": "##",
+            "special_tokens": special,
+            **pad,
+            **export_arch.word_marks(staging / "tokenizer.json"),
             "inputs": inputs,
-            "outputs": [*OUTPUTS, FP16_OUTPUT],
+            "outputs": [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output],
+            **names,
+            "query_key_scaling": layout["scaling"],
             "opset": OPSET,
             "onnx_file": "model.onnx",
             "tokenizer_file": "tokenizer.json",
@@ -224,6 +218,49 @@ def export(source: Path, repository: Path, name: str, origin: str, tolerance: fl
     log.info("exported %s to %s in %.1f s (max abs diff %.2g); head roles: %s", name, target,
              time.perf_counter() - started, worst, roles)
     return target
+
+
+def _optimized_or_plain(onnx_path: Path, arch: Any, config: Any, optimize: bool, tolerance: float,
+                        check: Callable[[Path], dict[str, float]],
+                        keys: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Rewrite the graph at `onnx_path` with the optimizer's fusions when the architecture has
+    an optimizer model type and the rewritten graph keeps the probabilities and passes the
+    verification; else leave the plain graph. Either way the key outputs feed the attention
+    MatMul directly (keys_into_matmul, after the optimizer: its fusions expect the plain
+    pattern). Returns model.json's "graph" and the verification figures."""
+    import onnx
+
+    from .export_graph import keys_into_matmul
+
+    def plain(reason: str) -> tuple[dict[str, Any], dict[str, float]]:
+        folded = keys_into_matmul(onnx_path, keys)
+        onnx.checker.check_model(str(onnx_path))
+        return {"optimizer": None, "reason": reason, "key_transposes_folded": folded}, check(onnx_path)
+
+    if not optimize:
+        return plain("--no-optimize")
+    if arch.optimizer is None:
+        return plain(f"onnxruntime's transformer optimizer has no model type for {config.model_type}")
+    from .export_graph import optimize as optimize_graph
+    from .export_graph import optimizer_name
+
+    candidate = onnx_path.with_name("optimized.onnx")
+    shutil.copyfile(onnx_path, candidate)
+    try:
+        fused = optimize_graph(candidate, config.num_hidden_layers, config.num_attention_heads,
+                               config.hidden_size, arch.optimizer)
+        folded = keys_into_matmul(candidate, keys)
+        onnx.checker.check_model(str(candidate))
+        diffs = check(candidate)
+        failed = "" if max(diffs.values()) <= tolerance else f"verification failed: {diffs}"
+    except SystemExit as exc:
+        failed = str(exc)
+    if not failed:
+        candidate.replace(onnx_path)
+        return {"optimizer": optimizer_name(arch.optimizer), "fused": fused, "key_transposes_folded": folded}, diffs
+    candidate.unlink()
+    log.warning("the %s-optimized graph is not used (%s); writing the plain graph", arch.optimizer, failed)
+    return plain(f"the {arch.optimizer}-optimized graph was not used: {failed}")
 
 
 def _publish(staging: Path, metadata: dict[str, Any], target: Path) -> None:
@@ -305,7 +342,7 @@ def export_int8(repository: Path, name: str, min_agreement: float = 0.95) -> Pat
 
 
 def _add_float16_attention(path: Path) -> None:
-    """Append a Cast of `attentions` to float16 as the extra graph output `attentions_fp16`."""
+    """Add a Cast of `attentions` to float16 as the graph output `attentions_fp16`."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -314,31 +351,46 @@ def _add_float16_attention(path: Path) -> None:
     dims = [d.dim_param or d.dim_value for d in source.type.tensor_type.shape.dim]
     model.graph.node.append(helper.make_node("Cast", ["attentions"], [FP16_OUTPUT], to=TensorProto.FLOAT16,
                                              name="attentions_to_float16"))
-    model.graph.output.append(helper.make_tensor_value_info(FP16_OUTPUT, TensorProto.FLOAT16, dims))
+    # Right after `attentions`: the per-layer outputs come last.
+    outputs = [copy.deepcopy(o) for o in model.graph.output]
+    at = [o.name for o in outputs].index("attentions") + 1
+    outputs.insert(at, helper.make_tensor_value_info(FP16_OUTPUT, TensorProto.FLOAT16, dims))
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
     onnx.save(model, str(path))
 
 
-def _verify(onnx_path: Path, wrapper: Any, tokenizer: Any, with_token_types: bool,
-            inputs: list[str]) -> dict[str, float]:
-    """Max abs difference of ONNX Runtime against eager PyTorch, on real tokens only."""
+def _verify(onnx_path: Path, wrapper: Any, tokenizer: Any, with_token_types: bool, inputs: list[str],
+            outputs: list[str], pad_id: int, causal: bool) -> dict[str, float]:
+    """Max abs difference of ONNX Runtime against eager PyTorch on a right-padded batch, real
+    tokens only: the hidden states (last_hidden_state and every layer's), the attention,
+    the query and key vectors. Causal models' attention must be exactly zero above the
+    diagonal."""
     import onnxruntime as ort
     import torch
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    feed = _batch(tokenizer, VERIFY_SENTENCES, with_token_types)
-    hidden, attention, attention16 = session.run([*OUTPUTS, FP16_OUTPUT], feed)
-    if not np.array_equal(attention16, attention.astype(np.float16)):
+    feed = _batch(tokenizer, VERIFY_SENTENCES, with_token_types, pad_id)
+    got = dict(zip([*outputs, FP16_OUTPUT], session.run([*outputs, FP16_OUTPUT], feed), strict=True))
+    if not np.array_equal(got[FP16_OUTPUT], got["attentions"].astype(np.float16)):
         raise SystemExit("export verification failed: attentions_fp16 is not attentions cast to float16")
-    ref_hidden, ref_attention = (t.numpy() for t in wrapper(*(torch.from_numpy(feed[k]) for k in inputs)))
+    want = dict(zip(outputs, (t.numpy() for t in wrapper(*(torch.from_numpy(feed[k]) for k in inputs))),
+                    strict=True))
     lengths = feed["attention_mask"].sum(axis=1)
-    worst_hidden = worst_attention = 0.0
+    worst = {"max_abs_diff_hidden": 0.0, "max_abs_diff_attention": 0.0, "max_abs_diff_query_key": 0.0}
     for row, n in enumerate(lengths):
-        worst_hidden = max(worst_hidden, float(np.abs(hidden[row, :n] - ref_hidden[row, :n]).max()))
-        worst_attention = max(
-            worst_attention,
-            float(np.abs(attention[row, :, :, :n, :n] - ref_attention[row, :, :, :n, :n]).max()),
-        )
-    return {"max_abs_diff_hidden": worst_hidden, "max_abs_diff_attention": worst_attention}
+        for name in outputs:
+            if name == "attentions":
+                key, a, b = "max_abs_diff_attention", got[name][row, :, :, :n, :n], want[name][row, :, :, :n, :n]
+                if causal and np.triu(a, k=1).any():
+                    raise SystemExit("export verification failed: a causal model's attention is not zero above "
+                                     "the diagonal")
+            elif name.startswith(("query_", "key_")):
+                key, a, b = "max_abs_diff_query_key", got[name][row, :, :n], want[name][row, :, :n]
+            else:
+                key, a, b = "max_abs_diff_hidden", got[name][row, :n], want[name][row, :n]
+            worst[key] = max(worst[key], float(np.abs(a - b).max()))
+    return worst
 
 
 def main(argv: list[str] | None = None) -> int:

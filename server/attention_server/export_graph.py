@@ -38,6 +38,11 @@ ATTENTION_KERNELS = frozenset({
     "DecoderMaskedSelfAttention", "LongformerAttention", "RelativePositionBiasAttention",
 })
 OPTIMIZER = "onnxruntime.transformers.optimizer (bert; fused attention off)"
+
+
+def optimizer_name(model_type: str) -> str:
+    """What model.json's graph.optimizer says for the optimizer's `model_type`."""
+    return OPTIMIZER.replace("(bert;", f"({model_type};")
 TOP_K = 5
 
 
@@ -70,14 +75,15 @@ def check_probabilities_kept(model: Any, num_layers: int) -> None:
         raise SystemExit(f"export failed: {counts.get('Softmax', 0)} Softmax nodes for {num_layers} layers")
 
 
-def optimize(path: Path, num_layers: int, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """Rewrite the graph at `path` in place with the transformer fusions that keep the
-    probabilities; returns the fused operators and their counts."""
+def optimize(path: Path, num_layers: int, num_heads: int, hidden_size: int,
+             model_type: str = "bert") -> dict[str, int]:
+    """Rewrite the graph at `path` in place with the transformer fusions of the optimizer's
+    `model_type` that keep the probabilities; returns the fused operators and their counts."""
     import onnx
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    options = FusionOptions("bert")
+    options = FusionOptions(model_type)
     options.enable_attention = False  # Attention/MultiHeadAttention drop the probabilities
     options.use_multi_head_attention = False
     options.enable_embed_layer_norm = False  # its mask output exists for the fused Attention only
@@ -85,7 +91,7 @@ def optimize(path: Path, num_layers: int, num_heads: int, hidden_size: int) -> d
     before = onnx.load(str(path))
     outputs = [o.name for o in before.graph.output]
     with _quiet():
-        model = optimizer.optimize_model(str(path), model_type="bert", num_heads=num_heads,
+        model = optimizer.optimize_model(str(path), model_type=model_type, num_heads=num_heads,
                                          hidden_size=hidden_size, optimization_options=options, opt_level=0,
                                          use_gpu=False)
         fused = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
@@ -97,6 +103,41 @@ def optimize(path: Path, num_layers: int, num_heads: int, hidden_size: int) -> d
     check_probabilities_kept(after, num_layers)
     log.info("graph optimized: %d -> %d nodes; fused %s", len(before.graph.node), len(after.graph.node), fused)
     return fused
+
+
+def keys_into_matmul(path: Path, keys: list[str]) -> int:
+    """Rewrite MatMul(query, Transpose(key, [0, 1, 3, 2])) as FusedMatMul(query, key, transB=1)
+    for each key tensor in `keys` (graph outputs): ONNX Runtime would otherwise merge that
+    Transpose with the one that made `key` and transpose the key a second time, to keep the
+    output. Returns the number of MatMuls rewritten."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    wanted = set(keys)
+    rewritten = 0
+    for transpose in list(model.graph.node):
+        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
+        users = consumers.get(transpose.output[0], [])
+        if (transpose.op_type != "Transpose" or transpose.input[0] not in wanted or perm != [[0, 1, 3, 2]]
+                or len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[1] != transpose.output[0]):
+            continue
+        matmul = users[0]
+        fused = helper.make_node("FusedMatMul", [matmul.input[0], transpose.input[0]], list(matmul.output),
+                                 name=f"{matmul.name}_transB", domain="com.microsoft", transB=1, alpha=1.0)
+        index = list(model.graph.node).index(matmul)
+        model.graph.node.remove(matmul)
+        model.graph.node.insert(index, fused)
+        model.graph.node.remove(transpose)
+        rewritten += 1
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(path))
+    return rewritten
 
 
 def _producers(model: Any) -> dict[str, Any]:

@@ -33,3 +33,16 @@ def server() -> Iterator[ServerThread]:
 def client(server: ServerThread) -> Iterator[AttentionClient]:
     with AttentionClient(server.target, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding the five tiny models of tests/tiny_models.py (tiny-bert,
+    tiny-roberta, tiny-distilbert, tiny-gpt2, tiny-llama), exported once per session by the
+    real exporter; their source folders are in ../tiny-sources/<arch>."""
+    from tests.tiny_models import ARCHITECTURES, export_tiny
+
+    repository = tmp_path_factory.mktemp("tiny") / "repository"
+    for arch in ARCHITECTURES:
+        export_tiny(arch, repository)
+    return repository

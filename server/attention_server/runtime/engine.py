@@ -25,7 +25,17 @@ from .budget import Lease, ResultBudget
 from .heads import FUSIONS
 from .repository import ModelRepository, check_model_name
 from .stats import BatcherStats, BatchObserver
-from .types import FLOAT16, FLOAT32, AnalyzeOptions, LoadedModel, Plan, SequenceInput, SequenceOutput, Tokens
+from .types import (
+    FLOAT16,
+    FLOAT32,
+    AnalyzeOptions,
+    LoadedModel,
+    ModelMetadata,
+    Plan,
+    SequenceInput,
+    SequenceOutput,
+    Tokens,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +73,31 @@ def _check_indices(field: FieldPath, values: Sequence[int], limit: int, what: st
             raise InvalidArgument((*field, k), f"{what} {v} is listed twice")
         seen.add(v)
     return list(values)
+
+
+def _check_extra_outputs(meta: ModelMetadata, options: AnalyzeOptions) -> None:
+    """hidden_states_layers and query_key: in range, and the model exported with those outputs."""
+    reexport = "re-export it with this version's attention-export (docs/models.md)"
+    if options.hidden_states_layers:
+        field: FieldPath = ("options", "hidden_states_layers")
+        if not meta.hidden_states_outputs:
+            raise InvalidArgument(field, f"model {meta.name!r} was exported without per-layer hidden states; "
+                                  f"{reexport}")
+        count = meta.num_layers + 1
+        if len(options.hidden_states_layers) > count:
+            raise InvalidArgument(field, f"lists {len(options.hidden_states_layers)} layers; model {meta.name!r} "
+                                  f"has {count} (0: embeddings .. {meta.num_layers}: last layer)")
+        seen: set[int] = set()
+        for k, v in enumerate(options.hidden_states_layers):
+            if not 0 <= v < count:
+                raise InvalidArgument((*field, k), f"layer {v} is out of range [0, {meta.num_layers}] for model "
+                                      f"{meta.name!r} (0: embeddings, {meta.num_layers}: last layer)")
+            if v in seen:
+                raise InvalidArgument((*field, k), f"layer {v} is listed twice")
+            seen.add(v)
+    if options.query_key and not meta.query_outputs:
+        raise InvalidArgument(("options", "query_key"), f"model {meta.name!r} was exported without query/key "
+                              f"outputs; {reexport}")
 
 
 class Engine:
@@ -110,6 +145,7 @@ class Engine:
             raise InvalidArgument(("options", "rollout"), f"{options.rollout!r} is not a fusion; use mean, max or min")
         if not (0.0 <= options.min_strength <= 1.0) or math.isnan(options.min_strength):
             raise InvalidArgument(("options", "min_strength"), f"must be within [0, 1], got {options.min_strength}")
+        _check_extra_outputs(meta, options)
         for i, seq in enumerate(inputs):
             self._check_bounds(model, i, seq)
         tokens = [self._tokenize(model, i, seq) for i, seq in enumerate(inputs)]

@@ -11,7 +11,8 @@ tokens stay units of their own.
 Head statistics, each averaged over the n rows (every token, special ones too):
 
     entropy            H = mean_i( -sum_j A_ij ln A_ij )                    (nats)
-    entropy_relative   H / ln n   (1: uniform over all tokens, 0: one token)
+    entropy_relative   H / ln n   (1: uniform over all tokens, 0: one token; causal models:
+                       mean_{i>0}( H_i / ln(i+1) ), uniform over the tokens row i can see)
     mean_distance      mean_i( sum_j A_ij |i - j| )                         (tokens)
     to_cls / to_sep    mean_i( sum_{j special [CLS] / [SEP]} A_ij )
     to_punctuation     mean_i( sum_{j punctuation} A_ij )
@@ -38,8 +39,10 @@ STATISTICS = ("entropy", "entropy_relative", "mean_distance", "to_cls", "to_sep"
 FUSIONS = ("mean", "max", "min")
 
 
-def group_words(tokens: Tokens, prefix: str = "##") -> Words:
-    """Consecutive tokens with the same (segment, word index) form a word."""
+def group_words(tokens: Tokens, prefix: str = "##", word_start: str | None = None) -> Words:
+    """Consecutive tokens with the same (segment, word index) form a word. Its text joins the
+    pieces without the continuation `prefix` (WordPiece "##") or, in byte-level / sentencepiece
+    vocabularies, without the `word_start` marker of its first piece ("Ġ", "▁")."""
     n = len(tokens)
     unit = np.empty(n, dtype=np.int32)
     bounds: list[int] = []
@@ -55,7 +58,10 @@ def group_words(tokens: Tokens, prefix: str = "##") -> Words:
     texts = []
     for a, b in zip(starts_tok.tolist(), ends_tok.tolist(), strict=True):
         pieces = tokens.texts[a:b]
-        texts.append(pieces[0] + "".join(p.removeprefix(prefix) for p in pieces[1:]))
+        text = pieces[0] + "".join(p.removeprefix(prefix) if prefix else p for p in pieces[1:])
+        if word_start and not tokens.special[a]:
+            text = text.removeprefix(word_start) or text
+        texts.append(text)
     return Words(
         texts=texts, token_start=starts_tok, token_end=ends_tok,
         starts=tokens.starts[starts_tok], ends=tokens.ends[ends_tok - 1],
@@ -79,14 +85,23 @@ def punctuation_mask(texts: list[str]) -> np.ndarray:
     return np.array([bool(t) and all(unicodedata.category(c).startswith("P") for c in t) for t in texts])
 
 
-def head_statistics(attention: np.ndarray, tokens: Tokens, cls_id: int | None, sep_id: int | None) -> np.ndarray:
-    """[L, H, len(STATISTICS)] in the order of STATISTICS (formulas above)."""
+def head_statistics(attention: np.ndarray, tokens: Tokens, cls_id: int | None, sep_id: int | None,
+                    causal: bool = False) -> np.ndarray:
+    """[L, H, len(STATISTICS)] in the order of STATISTICS (formulas above). For a causal
+    model row i can only reach tokens 0..i: entropy_relative divides each row's entropy by
+    ln(i + 1) (rows i >= 1), so 1 still means uniform over what the token can see."""
     att = attention.astype(np.float64)
     n = att.shape[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(att > 0, att * np.log(att), 0.0)
-    entropy = -plogp.sum(-1).mean(-1)
-    relative = entropy / np.log(n) if n > 1 else np.zeros_like(entropy)
+    row_entropy = -plogp.sum(-1)
+    entropy = row_entropy.mean(-1)
+    if n <= 1:
+        relative = np.zeros_like(entropy)
+    elif causal:
+        relative = (row_entropy[..., 1:] / np.log(np.arange(2, n + 1))).mean(-1)
+    else:
+        relative = entropy / np.log(n)
     idx = np.arange(n)
     distance = (att * np.abs(idx[:, None] - idx[None, :])).sum(-1).mean(-1)
     ids = tokens.ids

@@ -86,11 +86,14 @@ def top_pairs(
     k: int,
     min_strength: float = 0.0,
     exclude: np.ndarray | None = None,
+    causal: bool = False,
 ) -> PairTable:
     """For attention [L, H, n, n] (rows: from, columns: to), the k largest entries
     of every head, strongest first (ties: lower from, then lower to index first).
     `exclude` is a bool [n] mask of tokens whose pairs are left out (either end);
-    entries below `min_strength` are dropped (`counts` says how many remain)."""
+    entries below `min_strength` are dropped (`counts` says how many remain).
+    `causal`: the first token can attend only to itself (always 1.0), so pairs *from*
+    it say nothing and are left out; pairs *to* it (the attention sink) are kept."""
     n_layers, n_heads, n, _ = attention.shape
     att = attention.reshape(n_layers * n_heads, n, n)
     keep_index = None
@@ -100,17 +103,26 @@ def top_pairs(
     rows, size = att.shape[0], att.shape[1]
     layer_of = np.repeat(np.asarray(layers, dtype=np.int32), n_heads)
     head_of = np.tile(np.asarray(heads, dtype=np.int32), n_layers)
-    kk = min(k, size * size)
+    skip = 1 if causal and size and (keep_index is None or keep_index[0] == 0) else 0
+    from_rows = size - skip  # rows whose pairs can be returned
+    kk = min(k, from_rows * size)
     if kk == 0:
         empty = np.zeros((rows, 0), dtype=np.int32)
         return PairTable(layer_of, head_of, empty, empty.copy(), empty.astype(np.float32),
                          np.zeros(rows, dtype=np.int32))
-    # Lower bound of each head's kk-th largest entry: with m = ceil(kk / size),
+    # Lower bound of each head's kk-th largest entry: with m = ceil(kk / from_rows),
     # `need` rows whose m-th largest entry is >= bound hold >= kk entries >= bound.
-    m = -(-kk // size)
+    m = -(-kk // from_rows)
     need = -(-kk // m)
     row_max = _row_max(att)
     row_value = row_max if m == 1 else np.partition(att, size - m, axis=2)[:, :, size - m]
+    if skip:  # below every probability: never a candidate row, never the bound (need <= from_rows)
+        row_max = row_max.copy()
+        row_max[:, 0] = -1.0
+        if m == 1:
+            row_value = row_max
+        else:
+            row_value[:, 0] = -1.0
     bound = np.partition(row_value, size - need, axis=1)[:, size - need]
     # Every entry >= bound is in a row whose maximum is >= bound: scan those rows only.
     cand_h, cand_f = np.nonzero(row_max >= bound[:, None])

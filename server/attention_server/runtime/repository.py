@@ -3,6 +3,7 @@ and the tokenizer. Loads what the settings ask for and hands models out by name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -61,7 +62,10 @@ def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = 
     if verify_checksum and sha256_file(onnx_path) != metadata.sha256:
         raise ModelLoadError(f"{onnx_path}: sha256 does not match {METADATA_FILE}; re-export the model")
     tokenizer = TextTokenizer(inside(folder, metadata.tokenizer_file, "tokenizer_file of model.json"), metadata)
-    runtime = OnnxModel(onnx_path, metadata.inputs, metadata.outputs, intra_op_threads=intra_op_threads,
+    if metadata.word_start_prefix is None and tokenizer.word_start is not None:  # model.json predates the field
+        metadata = dataclasses.replace(metadata, word_start_prefix=tokenizer.word_start)
+    runtime = OnnxModel(onnx_path, metadata.inputs, [*metadata.outputs, *metadata.extra_outputs],
+                        intra_op_threads=intra_op_threads,
                         memory_arena=memory_arena,
                         instances=instances)
     roles = load_or_compute(folder, runtime, tokenizer, metadata)

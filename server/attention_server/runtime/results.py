@@ -24,7 +24,28 @@ def outputs_for(plan: Plan) -> set[str]:
         needed.add(ATTENTIONS)
     if options.attention and options.attention_dtype == FLOAT16:
         needed.add(ATTENTIONS_FP16)
+    meta = plan.model.metadata
+    needed.update(meta.hidden_states_outputs[layer] for layer in options.hidden_states_layers)
+    if options.query_key:
+        needed.update(meta.query_outputs[layer] for layer in plan.layers)
+        needed.update(meta.key_outputs[layer] for layer in plan.layers)
     return needed
+
+
+def _per_layer(values: dict[str, np.ndarray], names: list[str], row: int, n: int,
+               heads: list[int] | None = None) -> np.ndarray:
+    """One sequence's slice of per-layer outputs, stacked on a new first axis: [len(names), ...].
+    Hidden states are [batch, seq, hidden]; queries and keys [batch, heads, seq, head_dim]."""
+    first = values[names[0]]
+    if heads is None:
+        out = np.empty((len(names), n, *first.shape[2:]), dtype=np.float32)
+        for k, name in enumerate(names):
+            out[k] = values[name][row, :n]
+    else:
+        out = np.empty((len(names), len(heads), n, *first.shape[3:]), dtype=np.float32)
+        for k, name in enumerate(names):
+            out[k] = values[name][row, heads, :n]
+    return out
 
 
 def _select(att: np.ndarray, plan: Plan) -> np.ndarray:
@@ -50,12 +71,13 @@ def cut(plan: Plan, index: int, row: int, values: dict[str, np.ndarray]) -> Sequ
     if options.top_k is not None:
         att = _select(values[ATTENTIONS][row, :, :, :n, :n], plan)
         exclude = tokens.special if options.exclude_special_tokens else None
-        out.pairs = top_pairs(att, plan.layers, plan.heads, options.top_k, options.min_strength, exclude)
+        out.pairs = top_pairs(att, plan.layers, plan.heads, options.top_k, options.min_strength, exclude,
+                              causal=plan.model.metadata.causal)
     if options.word_level or options.head_statistics:
         att = _select(values[ATTENTIONS][row, :, :, :n, :n], plan)
         meta = plan.model.metadata
         if options.word_level:
-            words = heads.group_words(tokens, meta.continuing_subword_prefix)
+            words = heads.group_words(tokens, meta.continuing_subword_prefix, meta.word_start_prefix)
             word_att = heads.word_attention(att, words)
             out.words = words
             if options.attention:
@@ -63,11 +85,19 @@ def cut(plan: Plan, index: int, row: int, values: dict[str, np.ndarray]) -> Sequ
             if options.top_k is not None:
                 exclude = words.special if options.exclude_special_tokens else None
                 out.word_pairs = top_pairs(word_att, plan.layers, plan.heads, options.top_k, options.min_strength,
-                                           exclude)
+                                           exclude, causal=meta.causal)
         if options.head_statistics:
             special = meta.special_tokens
             out.head_statistics = heads.head_statistics(att, tokens, special.get("cls", {}).get("id"),
-                                                        special.get("sep", {}).get("id"))
+                                                        special.get("sep", {}).get("id"), causal=meta.causal)
     if options.rollout is not None:
         out.rollout = heads.rollout(values[ATTENTIONS][row, :, :, :n, :n], options.rollout)
+    meta = plan.model.metadata
+    if options.hidden_states_layers:
+        out.hidden_states_layers = list(options.hidden_states_layers)
+        out.layer_hidden_states = _per_layer(values, [meta.hidden_states_outputs[k] for k in
+                                                      options.hidden_states_layers], row, n)
+    if options.query_key:
+        out.queries = _per_layer(values, [meta.query_outputs[k] for k in plan.layers], row, n, plan.heads)
+        out.keys = _per_layer(values, [meta.key_outputs[k] for k in plan.layers], row, n, plan.heads)
     return out

@@ -7,13 +7,40 @@ batch only to its longest sequence.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from ..errors import ModelLoadError
 from .types import ModelMetadata, Tokens
+
+
+def word_start_marker(config: Any) -> str | None:
+    """The marker a word's first piece starts with, from a tokenizer.json's parts:
+    "Ġ" for byte-level BPE (GPT-2, RoBERTa), the Metaspace replacement ("▁") for
+    sentencepiece-style vocabularies (Llama); None for WordPiece."""
+    found: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if kind == "ByteLevel":
+                found.append("\u0120")
+            elif kind == "Metaspace" and isinstance(node.get("replacement"), str):
+                found.append(node["replacement"])
+            elif kind == "Replace" and node.get("content") == "\u2581":
+                found.append("\u2581")
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit({"normalizer": config.get("normalizer"), "pre_tokenizer": config.get("pre_tokenizer")})
+    return found[0] if found else None
 
 
 class TextTokenizer:
@@ -29,6 +56,9 @@ class TextTokenizer:
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self._prefix = metadata.continuing_subword_prefix
+        self.word_start = metadata.word_start_prefix
+        if self.word_start is None and not self._prefix:
+            self.word_start = word_start_marker(json.loads(self._tokenizer.to_str()))
         self.special_ids = frozenset(int(t["id"]) for t in metadata.special_tokens.values())
 
     def encode(self, text: str, pair: str | None = None) -> Tokens:
@@ -61,7 +91,8 @@ class TextTokenizer:
         )
 
     def from_ids(self, ids: np.ndarray, type_ids: np.ndarray) -> Tokens:
-        """Tokens for caller-given ids: no spans; words follow the subword prefix rule."""
+        """Tokens for caller-given ids: no spans; words follow the vocabulary's markers
+        (a continuation prefix, or a word-start marker for byte-level BPE)."""
         texts = [self._tokenizer.id_to_token(int(i)) or "" for i in ids]
         special = np.fromiter((int(i) in self.special_ids for i in ids), dtype=bool, count=len(ids))
         words = np.full(len(ids), -1, dtype=np.int32)
@@ -69,7 +100,11 @@ class TextTokenizer:
         for k, text in enumerate(texts):
             if special[k]:
                 continue
-            if not (self._prefix and text.startswith(self._prefix) and word >= 0):
+            if self.word_start:  # byte-level / sentencepiece: a marker starts each word
+                starts_word = text.startswith(self.word_start) or word < 0
+            else:  # WordPiece: a prefix marks the pieces that continue a word
+                starts_word = not (self._prefix and text.startswith(self._prefix) and word >= 0)
+            if starts_word:
                 word += 1
             words[k] = word
         none = np.full(len(ids), -1, dtype=np.int32)

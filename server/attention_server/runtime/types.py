@@ -48,6 +48,11 @@ class AnalyzeOptions:
     word_level: bool = False
     head_statistics: bool = False
     rollout: str | None = None  # "mean", "max" or "min"
+    # Hidden states of these layer boundaries (0: embeddings .. num_layers: last layer, as
+    # Hugging Face's output_hidden_states); empty: none (`hidden_states` is the last layer's).
+    hidden_states_layers: Sequence[int] = ()
+    # Query and key vectors of the selected layers/heads (what bertviz's neuron view draws).
+    query_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,10 @@ class SequenceOutput:
     word_pairs: PairTable | None = None
     head_statistics: np.ndarray | None = None  # [layers, heads, len(heads.STATISTICS)] float32
     rollout: np.ndarray | None = None  # [num_layers, n, n] float32
+    hidden_states_layers: list[int] = field(default_factory=list)
+    layer_hidden_states: np.ndarray | None = None  # [len(hidden_states_layers), n, hidden] float32
+    queries: np.ndarray | None = None  # [layers, heads, n, head_dim] float32
+    keys: np.ndarray | None = None  # [layers, heads, n, head_dim] float32, the key each query head reads
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class ModelMetadata:
     vocab_size: int
     special_tokens: dict[str, dict[str, Any]]
     pad_token_id: int
-    continuing_subword_prefix: str
+    continuing_subword_prefix: str  # "" (or null in model.json) for byte-level BPE
     inputs: list[str]
     outputs: list[str]
     opset: int
@@ -152,6 +161,60 @@ class ModelMetadata:
     tokenizer_file: str
     sha256: str
     type_vocab_size: int = 2
+    model_type: str = ""
+    causal: bool = False
+    """Token i attends to tokens 0..i only (decoders); their attention is zero above the diagonal."""
+    num_key_value_heads: int = 0
+    """Key/value heads (grouped-query attention when fewer than num_heads); 0 in model.json: num_heads."""
+    position_embedding: str = "absolute"
+    """"absolute" (learned or sinusoidal positions added to the embeddings) or "rotary"."""
+    word_start_prefix: str | None = None
+    """Marker a word's first piece starts with in byte-level / sentencepiece vocabularies ("Ġ", "▁")."""
+    head_dim: int = 0
+    """Size of one head's query/key vectors; 0 in model.json: hidden_size // num_heads."""
+    hidden_states_outputs: list[str] = field(default_factory=list)
+    """Graph outputs of the hidden states, index 0 the embeddings .. num_layers the last layer."""
+    query_outputs: list[str] = field(default_factory=list)
+    """Graph outputs of each layer's query vectors [batch, num_heads, seq, head_dim]."""
+    key_outputs: list[str] = field(default_factory=list)
+    """Graph outputs of each layer's key vectors, expanded to the query heads."""
+
+    query_key_scaling: list[float] = field(default_factory=list)
+    """Per layer, the factor of query . key in the attention logits (empty: 1/sqrt(head_dim))."""
+
+    def __post_init__(self) -> None:
+        if self.head_dim <= 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
+        if self.num_key_value_heads <= 0:
+            object.__setattr__(self, "num_key_value_heads", self.num_heads)
+        if self.continuing_subword_prefix is None:
+            object.__setattr__(self, "continuing_subword_prefix", "")
+        if self.num_heads % self.num_key_value_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_key_value_heads "
+                             f"{self.num_key_value_heads}")
+        for name, outputs, count in (("hidden_states_outputs", self.hidden_states_outputs, self.num_layers + 1),
+                                     ("query_outputs", self.query_outputs, self.num_layers),
+                                     ("key_outputs", self.key_outputs, self.num_layers)):
+            if outputs and len(outputs) != count:
+                raise ValueError(f"{name} lists {len(outputs)} outputs; the model has {count}")
+        if self.query_key_scaling and len(self.query_key_scaling) != self.num_layers:
+            raise ValueError(f"query_key_scaling lists {len(self.query_key_scaling)} factors; the model has "
+                             f"{self.num_layers} layers")
+        if bool(self.query_outputs) != bool(self.key_outputs):
+            raise ValueError("query_outputs and key_outputs go together")
+
+    def scaling(self, layer: int) -> float:
+        """The factor of query . key in layer `layer`'s attention logits."""
+        return float(self.query_key_scaling[layer]) if self.query_key_scaling else self.head_dim ** -0.5
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head query head `head` reads (Hugging Face's repeat_kv order)."""
+        return head // (self.num_heads // self.num_key_value_heads)
+
+    @property
+    def extra_outputs(self) -> list[str]:
+        """Outputs beyond the default ones (fetched only when a request asks for them)."""
+        return [*self.hidden_states_outputs, *self.query_outputs, *self.key_outputs]
 
     @classmethod
     def from_file(cls, path: Path) -> ModelMetadata:
@@ -230,4 +293,17 @@ class Plan:
             size += len(self.layers) * len(self.heads) * 200
         if options.rollout is not None:
             size += self.model.metadata.num_layers * n * n * 4
+        size += self.hidden_states_layers_bytes(index) + self.query_key_bytes(index)
         return size
+
+    def hidden_states_layers_bytes(self, index: int) -> int:
+        """The part of `sequence_bytes` that hidden_states_layers adds (float32 [k, n, hidden])."""
+        layers = len(self.options.hidden_states_layers)
+        return layers * len(self.tokens[index]) * self.model.metadata.hidden_size * 4 + (32 if layers else 0)
+
+    def query_key_bytes(self, index: int) -> int:
+        """The part of `sequence_bytes` that query_key adds (two float32 [layers, heads, n, head_dim])."""
+        if not self.options.query_key:
+            return 0
+        n, meta = len(self.tokens[index]), self.model.metadata
+        return 2 * (len(self.layers) * len(self.heads) * n * meta.head_dim * 4 + 32)

@@ -36,6 +36,9 @@ SEQUENCE_RESULT_PAIRS = pb.SequenceResult.DESCRIPTOR.fields_by_name["pairs"].num
 SEQUENCE_RESULT_WORD_PAIRS = pb.SequenceResult.DESCRIPTOR.fields_by_name["word_pairs"].number
 SEQUENCE_RESULT_WORD_ATTENTION = pb.SequenceResult.DESCRIPTOR.fields_by_name["word_attention"].number
 SEQUENCE_RESULT_ROLLOUT = pb.SequenceResult.DESCRIPTOR.fields_by_name["rollout"].number
+SEQUENCE_RESULT_LAYER_HIDDEN = pb.SequenceResult.DESCRIPTOR.fields_by_name["layer_hidden_states"].number
+SEQUENCE_RESULT_QUERIES = pb.SequenceResult.DESCRIPTOR.fields_by_name["queries"].number
+SEQUENCE_RESULT_KEYS = pb.SequenceResult.DESCRIPTOR.fields_by_name["keys"].number
 PAIR_KEY = pb.HeadPairs.DESCRIPTOR.fields_by_name["pairs"].number << 3 | 2
 ANALYZE_RESPONSE_RESULTS = pb.AnalyzeResponse.DESCRIPTOR.fields_by_name["results"].number
 _ROLLOUT = {pb.ROLLOUT_NONE: None, pb.ROLLOUT_MEAN: "mean", pb.ROLLOUT_MAX: "max", pb.ROLLOUT_MIN: "min"}
@@ -85,6 +88,8 @@ def options_from_pb(options: pb.AnalyzeOptions) -> AnalyzeOptions:
         word_level=options.word_level,
         head_statistics=options.head_statistics,
         rollout=_ROLLOUT.get(options.rollout, str(options.rollout)),
+        hidden_states_layers=options.hidden_states_layers,
+        query_key=options.query_key,
     )
 
 
@@ -213,9 +218,9 @@ def _parts_size(parts: Parts) -> int:
 
 
 def _small_fields(index: int, id: str, layers: list[int], heads: list[int], t: Tokens, words: Words | None = None,
-                  head_statistics: np.ndarray | None = None) -> bytes:
+                  head_statistics: np.ndarray | None = None, hidden_states_layers: list[int] | None = None) -> bytes:
     """A SequenceResult's fields but its pairs and tensors."""
-    msg = pb.SequenceResult(index=index, id=id, layers=layers, heads=heads)
+    msg = pb.SequenceResult(index=index, id=id, layers=layers, heads=heads, hidden_states_layers=hidden_states_layers)
     msg.tokens.extend(
         pb.Token(id=i, text=text, start=s, end=e, word_index=w, special=sp, segment=g)
         for i, text, s, e, w, sp, g in zip(
@@ -244,7 +249,7 @@ def _small_fields(index: int, id: str, layers: list[int], heads: list[int], t: T
 def result_parts(out: SequenceOutput) -> Parts:
     """A SequenceResult's wire encoding as a list of buffers (join to get the message)."""
     parts: Parts = [_small_fields(out.index, out.id, out.layers, out.heads, out.tokens, out.words,
-                                  out.head_statistics)]
+                                  out.head_statistics, out.hidden_states_layers)]
     if out.pairs is not None:
         parts.append(_pair_table_bytes(out.pairs))
     if out.word_pairs is not None:
@@ -257,6 +262,10 @@ def result_parts(out: SequenceOutput) -> Parts:
         parts += _tensor_parts(SEQUENCE_RESULT_ATTENTION, out.attention)
     if out.hidden_states is not None:
         parts += _tensor_parts(SEQUENCE_RESULT_HIDDEN, out.hidden_states)
+    for field, array in ((SEQUENCE_RESULT_LAYER_HIDDEN, out.layer_hidden_states),
+                         (SEQUENCE_RESULT_QUERIES, out.queries), (SEQUENCE_RESULT_KEYS, out.keys)):
+        if array is not None:
+            parts += _tensor_parts(field, array)
     return parts
 
 
@@ -306,6 +315,7 @@ def preencodable(plan: Plan, index: int) -> bool:
     return (sys.byteorder == "little"  # ONNX Runtime writes native order; the wire's is little-endian
             and options.top_k is None and not options.word_level and not options.head_statistics
             and options.rollout is None and (options.attention or options.hidden_states)
+            and not options.hidden_states_layers and not options.query_key
             and plan.layers == list(range(meta.num_layers)) and plan.heads == list(range(meta.num_heads))
             and plan.sequence_bytes(index) >= PREENCODE_MIN_BYTES)
 
@@ -387,6 +397,14 @@ def model_info_to_pb(meta: ModelMetadata, limits: Limits, roles: list[HeadRole] 
         opset=meta.opset,
         sha256=meta.sha256,
         max_batch_size=limits.max_batch_size,
+        model_type=meta.model_type,
+        causal=meta.causal,
+        num_key_value_heads=meta.num_key_value_heads,
+        position_embedding=meta.position_embedding,
+        head_dim=meta.head_dim,
+        supports_hidden_states_layers=bool(meta.hidden_states_outputs),
+        supports_query_key=bool(meta.query_outputs),
+        query_key_scaling=[meta.scaling(layer) for layer in range(meta.num_layers)],
     )
     for name, token in sorted(meta.special_tokens.items()):
         info.special_tokens.add(name=name, text=token["text"], id=int(token["id"]))
@@ -394,9 +412,10 @@ def model_info_to_pb(meta: ModelMetadata, limits: Limits, roles: list[HeadRole] 
     for layer in range(meta.num_layers):
         for head in range(meta.num_heads):
             role = by_head.get((layer, head))
+            kv_head = meta.kv_head(head)
             if role is None:
-                info.heads.add(layer=layer, index=head)
+                info.heads.add(layer=layer, index=head, kv_head=kv_head)
             else:
                 info.heads.add(layer=layer, index=head, role=role.role, family=role.family, role_score=role.score,
-                               statistics=role.statistics)
+                               statistics=role.statistics, kv_head=kv_head)
     return info

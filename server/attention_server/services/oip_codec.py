@@ -614,4 +614,28 @@ def model_config(meta: ModelMetadata, max_batch_size: int, instances: int,
         instance_group=[mc.ModelInstanceGroup(name=meta.name, count=instances,
                                               kind=mc.ModelInstanceGroup.KIND_CPU)],
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us),
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in model_parameters(meta).items()},
     )
+
+
+def model_parameters(meta: ModelMetadata) -> dict[str, str]:
+    """What attention.v1's ModelInfo says of the model beyond its tensors, as Triton's
+    string-valued model parameters."""
+    def flag(value: bool) -> str:
+        return "true" if value else "false"
+
+    return {
+        "architecture": meta.architecture,
+        "model_type": meta.model_type,
+        "causal": flag(meta.causal),
+        "num_layers": str(meta.num_layers),
+        "num_heads": str(meta.num_heads),
+        "num_key_value_heads": str(meta.num_key_value_heads),
+        "kv_heads": ",".join(str(meta.kv_head(h)) for h in range(meta.num_heads)),
+        "head_dim": str(meta.head_dim),
+        "position_embedding": meta.position_embedding,
+        "special_tokens": ",".join(f"{name}={int(token['id'])}" for name, token in sorted(meta.special_tokens.items())),
+        "supports_hidden_states_layers": flag(bool(meta.hidden_states_outputs)),
+        "supports_query_key": flag(bool(meta.query_outputs)),
+        "query_key_scaling": ",".join(f"{meta.scaling(layer):.9g}" for layer in range(meta.num_layers)),
+    }

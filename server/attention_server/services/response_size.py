@@ -3,6 +3,8 @@ checked before anything is computed, from the runtime's estimate of each result.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ..errors import TooLarge
 from ..runtime.types import Plan
 
@@ -23,10 +25,24 @@ class ResponseSize:
     def unary(self, plan: Plan, factor: float = 1.0) -> int:
         """The estimated size of a unary response to `plan` (checked as `factor` times
         that: a transport's encoding may be larger than protobuf's)."""
-        size = sum(plan.sequence_bytes(i) for i in range(len(plan.tokens)))
-        self.check(int(size * factor), advice=f"use AnalyzeStream, {ADVICE}")
+        indices = range(len(plan.tokens))
+        size = sum(plan.sequence_bytes(i) for i in indices)
+        self.check(int(size * factor), advice=f"use AnalyzeStream, {_advice(plan, indices, factor)}")
         return size
 
     def streamed(self, plan: Plan) -> None:
         """Each streamed message (one sequence's result) must be within the limit."""
-        self.check(max(plan.sequence_bytes(i) for i in range(len(plan.tokens))), "one result")
+        largest = max(range(len(plan.tokens)), key=plan.sequence_bytes)
+        self.check(plan.sequence_bytes(largest), "one result", _advice(plan, [largest]))
+
+
+def _advice(plan: Plan, indices: Iterable[int], factor: float = 1.0) -> str:
+    """ADVICE, after what the optional outputs take of the response when they were asked for
+    (they can be the bulk of it: query_key on 512 tokens is 2 x 4.7 MiB a layer)."""
+    indices = list(indices)
+    shares = [(name, sum(bytes_of(i) for i in indices) * factor) for name, bytes_of in (
+        ("options.query_key", plan.query_key_bytes), ("options.hidden_states_layers", plan.hidden_states_layers_bytes))]
+    named = [f"{name} takes {size / 2**20:.1f} MiB of it" for name, size in shares if size]
+    if not named:
+        return ADVICE
+    return f"{'; '.join(named)}: ask for fewer layers/heads or leave it out; or {ADVICE}"
