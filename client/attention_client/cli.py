@@ -248,7 +248,9 @@ def _call(client: AttentionClient, args: argparse.Namespace, chunk: list[Item],
 
 def _heads(info: ModelInfo) -> None:
     grouped = 0 < info.num_key_value_heads < info.num_heads
-    print(f"{info.name}: {len(info.heads)} heads" + (f", {info.num_key_value_heads} key/value heads" * grouped)
+    # "8 heads, 2 key/value heads" read as 2 of 8: say both per layer.
+    shape = f"{len(info.heads)} heads ({info.num_layers} layers x {info.num_heads})"
+    print(f"{info.name}: {shape}" + (f", {info.num_key_value_heads} key/value heads per layer" * grouped)
           + (" (causal)" if info.causal else ""))
     for h in info.heads:
         stats = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.statistics.items()))

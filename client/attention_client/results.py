@@ -199,7 +199,8 @@ class AnalyzeResult:
     @property
     def queries(self) -> FloatArray | None:
         """[len(layers), len(heads), seq, head_dim] query vectors (query_key=True), else None.
-        softmax(queries[l, h] @ keys[l, h].T / sqrt(head_dim) + mask) is attention[l, h]."""
+        softmax(s * queries[l, h] @ keys[l, h].T + mask) is attention[l, h], with s the layer's
+        ModelInfo.query_key_scaling (usually 1/sqrt(head_dim), not always)."""
         return self._array("queries")
 
     @property

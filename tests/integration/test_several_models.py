@@ -134,7 +134,7 @@ def test_the_cli_shows_causal_and_grouped_query_heads(server: ServerThread, caps
     assert "attention: bidirectional, 12 key/value heads (one per head), absolute positions" in out
     assert cli_main(["--target", server.target, "heads", "tiny-llama"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "tiny-llama: 8 heads, 2 key/value heads (causal)"
+    assert lines[0] == "tiny-llama: 8 heads (2 layers x 4), 2 key/value heads per layer (causal)"
     assert lines[4].startswith("  layer  0 head  3 kv  1  ")
 
 

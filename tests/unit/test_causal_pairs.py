@@ -26,7 +26,8 @@ def test_matches_a_full_sort_without_the_first_tokens_row(n, k, exclude_first):
     keep = np.flatnonzero(~exclude)
     first = 0 if not exclude_first else None  # an excluded first token is gone at both ends anyway
     for row, matrix in enumerate(att.reshape(6, n, n)):
-        cells = sorted((-float(matrix[f, t]), f, t) for f in keep for t in keep if f != first)[:k]
+        # Pairs to later tokens are masked, not pairs (before: k=2000 returned them with strength 0).
+        cells = sorted((-float(matrix[f, t]), f, t) for f in keep for t in keep if f != first and t <= f)[:k]
         got = table.head_pairs(row)
         assert [(f, t) for _, f, t in cells] == [(f, t) for f, t, _ in got]
         assert np.allclose([-v for v, _, _ in cells], [s for _, _, s in got])
@@ -37,3 +38,12 @@ def test_the_first_token_still_receives_attention():
     assert top_pairs(att, [0], [0], k=2).head_pairs(0)[0] == (0, 0, 1.0)  # an encoder view keeps it
     assert top_pairs(att, [0], [0], k=2, causal=True).head_pairs(0) == [
         (1, 0, pytest.approx(0.9)), (2, 0, pytest.approx(0.8))]
+
+
+def test_a_large_k_never_returns_the_masked_future_even_where_attention_underflowed():
+    """A row whose real attention underflowed to 0 still gets no pair to a later token; the
+    reply has at most the pairs that exist: n(n+1)/2 - 1 (the first token's row left out)."""
+    att = np.array([[[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]]], dtype=np.float32)
+    got = top_pairs(att, [0], [0], k=9, causal=True).head_pairs(0)
+    assert len(got) == 5 and all(t <= f for f, t, _ in got)
+    assert [(f, t) for f, t, _ in got] == [(1, 0), (2, 0), (2, 1), (1, 1), (2, 2)]

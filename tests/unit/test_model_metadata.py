@@ -66,6 +66,41 @@ def test_inconsistent_model_json_is_a_load_error_naming_the_field(tmp_path, chan
         metadata(tmp_path, {**LLAMA, **change})
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"causal": "false"}, "causal must be true or false, got 'false'"),  # would read as truthy
+    ({"num_key_value_heads": -2}, "num_key_value_heads must be an integer >= 0"),  # was taken as num_heads
+    ({"num_heads": 0, "num_key_value_heads": 0}, "num_heads must be a positive integer"),  # was ZeroDivisionError
+    ({"position_embedding": 5}, "position_embedding must be one of"),
+    ({"query_key_scaling": ["x", "y"]}, "query_key_scaling must be a list of positive numbers"),
+    ({"query_outputs": "query_0", "key_outputs": "key_0"}, "query_outputs must be a list of output names"),
+])
+def test_model_json_of_the_wrong_type_is_a_load_error_not_an_internal_error_later(tmp_path, change, message):
+    """Before: these loaded, and GetModel/ListModels (every model's) answered INTERNAL, or
+    `causal: "false"` made a model causal."""
+    with pytest.raises(ModelLoadError, match=message):
+        metadata(tmp_path, {**LLAMA, **change})
+
+
+def test_per_layer_outputs_must_have_the_shapes_model_json_promises(tmp_path):
+    """Before: query_outputs naming another output, or a wrong head_dim, loaded; every
+    query_key call was then INTERNAL (IndexError) or its size estimate wrong."""
+    from attention_server.runtime.repository import check_output_shapes
+
+    meta = metadata(tmp_path, LLAMA)
+    shapes: dict[str, list[int | str | None]] = {
+        **{f"hidden_states_{k}": ["batch", "sequence", 32] for k in range(3)},
+        **{f"{kind}_{k}": ["batch", 4, "sequence", 8] for kind in ("query", "key") for k in range(2)},
+        "attentions": ["batch", 2, 4, "sequence", "sequence"]}
+    check_output_shapes(Path("m.onnx"), meta, shapes)
+    with pytest.raises(ModelLoadError, match=r"output 'query_0' \(query_outputs.*\[\*, 4, \*, 16\]"):
+        check_output_shapes(Path("m.onnx"), metadata(tmp_path, {**LLAMA, "head_dim": 16}), shapes)
+    with pytest.raises(ModelLoadError, match=r"output 'attentions' \(query_outputs"):
+        check_output_shapes(Path("m.onnx"), metadata(tmp_path, {**LLAMA, "query_outputs": ["attentions"] * 2}),
+                            shapes)
+    with pytest.raises(ModelLoadError, match=r"output 'hidden_states_0' \(hidden_states_outputs"):
+        check_output_shapes(Path("m.onnx"), metadata(tmp_path, {**LLAMA, "hidden_size": 64}), shapes)
+
+
 def test_model_info_and_model_config_say_the_same(tmp_path):
     meta = metadata(tmp_path, LLAMA)
     info = ModelInfo.from_pb(model_info_to_pb(meta, Limits()))
@@ -150,3 +185,25 @@ def test_request_options_for_per_layer_outputs():
         build_options(**DEFAULTS, hidden_states_layers=[0, 0])
     with pytest.raises(InvalidArgumentError, match=r"options\.query_key: must be True or False"):
         build_options(**DEFAULTS, query_key=1)  # type: ignore[arg-type]
+
+
+def test_no_roles_rather_than_made_up_ones_when_no_probe_sentence_fits(tmp_path, caplog):
+    """Before: a model with fewer positions than every probe sentence got all-zero statistics,
+    and so the role "local" (score 0) on every head, stored in roles.json as if measured."""
+    from attention_server.runtime.roles import compute_roles
+
+    class Long:
+        def __len__(self) -> int:
+            return 10_000
+
+    class Tok:
+        def encode_batch(self, items):
+            return [Long() for _ in items]
+
+    class NoRun:
+        def run(self, *args, **kwargs):
+            raise AssertionError("nothing fits, so nothing runs")
+
+    with caplog.at_level("WARNING", logger="attention_server.runtime.roles"):
+        assert compute_roles(NoRun(), Tok(), metadata(tmp_path, LLAMA)) == []  # type: ignore[arg-type]
+    assert "none of the" in caplog.text and "fits its 64 positions; no roles" in caplog.text

@@ -60,15 +60,19 @@ class Limits:
     """Results of one streaming call computed ahead of what its caller has read (at least one)."""
 
 
-def _check_indices(field: FieldPath, values: Sequence[int], limit: int, what: str, model: str) -> list[int]:
+def _check_indices(field: FieldPath, values: Sequence[int], limit: int, what: str, model: str,
+                   numbering: str = "") -> list[int]:
+    """`values` (all of [0, limit) when empty): at most `limit` of them, each in range, none twice.
+    `numbering` explains the indices in the messages."""
     if not values:
         return list(range(limit))
     if len(values) > limit:
-        raise InvalidArgument(field, f"lists {len(values)} {what}s; model {model!r} has {limit}")
+        raise InvalidArgument(field, f"lists {len(values)} {what}s; model {model!r} has {limit}{numbering}")
     seen: set[int] = set()
     for k, v in enumerate(values):
         if not 0 <= v < limit:
-            raise InvalidArgument((*field, k), f"{what} {v} is out of range [0, {limit}) for model {model!r}")
+            raise InvalidArgument((*field, k), f"{what} {v} is out of range [0, {limit}) for model "
+                                  f"{model!r}{numbering}")
         if v in seen:
             raise InvalidArgument((*field, k), f"{what} {v} is listed twice")
         seen.add(v)
@@ -83,18 +87,8 @@ def _check_extra_outputs(meta: ModelMetadata, options: AnalyzeOptions) -> None:
         if not meta.hidden_states_outputs:
             raise InvalidArgument(field, f"model {meta.name!r} was exported without per-layer hidden states; "
                                   f"{reexport}")
-        count = meta.num_layers + 1
-        if len(options.hidden_states_layers) > count:
-            raise InvalidArgument(field, f"lists {len(options.hidden_states_layers)} layers; model {meta.name!r} "
-                                  f"has {count} (0: embeddings .. {meta.num_layers}: last layer)")
-        seen: set[int] = set()
-        for k, v in enumerate(options.hidden_states_layers):
-            if not 0 <= v < count:
-                raise InvalidArgument((*field, k), f"layer {v} is out of range [0, {meta.num_layers}] for model "
-                                      f"{meta.name!r} (0: embeddings, {meta.num_layers}: last layer)")
-            if v in seen:
-                raise InvalidArgument((*field, k), f"layer {v} is listed twice")
-            seen.add(v)
+        _check_indices(field, options.hidden_states_layers, meta.num_layers + 1, "layer", meta.name,
+                       f" (0: embeddings .. {meta.num_layers}: last layer)")
     if options.query_key and not meta.query_outputs:
         raise InvalidArgument(("options", "query_key"), f"model {meta.name!r} was exported without query/key "
                               f"outputs; {reexport}")

@@ -70,7 +70,9 @@ class OnnxModel:
             self._shrink = ort.RunOptions()
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         # layers x heads of the attention output: what a run's memory grows with (batch x seq^2 x cells)
-        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        shapes = {o.name: list(o.shape) for o in self.session.get_outputs()}
+        self.output_shapes: dict[str, list[int | str | None]] = shapes
+        """Each graph output's shape as the graph declares it (an int for a fixed dimension)."""
         dims = [d for d in shapes.get("attentions", [])[1:3] if isinstance(d, int)]
         self._cells = dims[0] * dims[1] if len(dims) == 2 else 1
         self.instances = max(1, instances)

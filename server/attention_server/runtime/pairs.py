@@ -93,7 +93,8 @@ def top_pairs(
     `exclude` is a bool [n] mask of tokens whose pairs are left out (either end);
     entries below `min_strength` are dropped (`counts` says how many remain).
     `causal`: the first token can attend only to itself (always 1.0), so pairs *from*
-    it say nothing and are left out; pairs *to* it (the attention sink) are kept."""
+    it say nothing and are left out; pairs *to* it (the attention sink) are kept; pairs
+    to later tokens (masked, 0) do not exist and are never returned, however large k."""
     n_layers, n_heads, n, _ = attention.shape
     att = attention.reshape(n_layers * n_heads, n, n)
     keep_index = None
@@ -105,7 +106,8 @@ def top_pairs(
     head_of = np.tile(np.asarray(heads, dtype=np.int32), n_layers)
     skip = 1 if causal and size and (keep_index is None or keep_index[0] == 0) else 0
     from_rows = size - skip  # rows whose pairs can be returned
-    kk = min(k, from_rows * size)
+    # A causal row i has pairs to 0..i only (kept tokens stay in order): the masked future is no pair.
+    kk = min(k, size * (size + 1) // 2 - skip if causal else from_rows * size)
     if kk == 0:
         empty = np.zeros((rows, 0), dtype=np.int32)
         return PairTable(layer_of, head_of, empty, empty.copy(), empty.astype(np.float32),
@@ -127,6 +129,8 @@ def top_pairs(
     # Every entry >= bound is in a row whose maximum is >= bound: scan those rows only.
     cand_h, cand_f = np.nonzero(row_max >= bound[:, None])
     candidates = att[cand_h, cand_f]  # [candidate rows, size]
+    if causal:  # the future is never a candidate, even where a real probability underflowed to 0 too
+        candidates = np.where(np.arange(size)[None, :] > cand_f[:, None], -1.0, candidates)
     c, t = np.nonzero(candidates >= bound[cand_h][:, None])
     h, f = cand_h[c], cand_f[c]
     values = candidates[c, t].astype(np.float32, copy=False)

@@ -52,6 +52,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_output_shapes(onnx_path: Path, meta: ModelMetadata, shapes: dict[str, list[int | str | None]]) -> None:
+    """The per-layer outputs model.json names have the shapes it promises (where the graph fixes
+    a dimension): hidden states [batch, seq, hidden_size], queries and keys [batch, num_heads,
+    seq, head_dim]. Else ModelLoadError: a wrong name or head_dim would be an INTERNAL error on
+    every query_key call, or a wrong response size estimate."""
+    expected: list[tuple[str, str, list[int | None]]] = [
+        *(("hidden_states_outputs", name, [None, None, meta.hidden_size]) for name in meta.hidden_states_outputs),
+        *(("query_outputs", name, [None, meta.num_heads, None, meta.head_dim]) for name in meta.query_outputs),
+        *(("key_outputs", name, [None, meta.num_heads, None, meta.head_dim]) for name in meta.key_outputs),
+    ]
+    for field_name, name, want in expected:
+        got = shapes.get(name, [])
+        if len(got) != len(want) or any(w is not None and isinstance(g, int) and g != w
+                                        for g, w in zip(got, want, strict=True)):
+            shown = ", ".join("*" if w is None else str(w) for w in want)
+            raise ModelLoadError(f"{onnx_path}: output {name!r} ({field_name} of {METADATA_FILE}) has shape {got}; "
+                                 f"model.json promises [{shown}] (num_heads, head_dim, hidden_size); "
+                                 "re-export the model")
+
+
 def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = True,
                instances: int = 1, memory_arena: ArenaMode = "shrink") -> LoadedModel:
     """Load one model folder; raises ModelLoadError with the reason."""
@@ -68,6 +88,7 @@ def load_model(folder: Path, intra_op_threads: int = 0, verify_checksum: bool = 
                         intra_op_threads=intra_op_threads,
                         memory_arena=memory_arena,
                         instances=instances)
+    check_output_shapes(onnx_path, metadata, runtime.output_shapes)
     roles = load_or_compute(folder, runtime, tokenizer, metadata)
     log.info("loaded model %s (%d layers x %d heads) from %s", metadata.name, metadata.num_layers,
              metadata.num_heads, folder)

@@ -82,32 +82,41 @@ def label(stats: dict[str, float], causal: bool = False) -> tuple[str, float]:
 
 
 def probe_statistics(runtime: Runtime, tokenizer: Tokenizer, meta: ModelMetadata,
-                     sentences: list[str], batch_size: int = 32) -> np.ndarray:
-    """Mean head statistics over the sentences: [layers, heads, len(STATISTICS)]."""
+                     sentences: list[str], batch_size: int = 32) -> tuple[np.ndarray, int]:
+    """Mean head statistics over the sentences that fit the model's positions:
+    [layers, heads, len(STATISTICS)], and how many sentences that is (0: no statistics)."""
     cls_id = meta.special_tokens.get("cls", {}).get("id")
     sep_id = meta.special_tokens.get("sep", {}).get("id")
     # A model with few positions (a tiny test model) skips the probe sentences it cannot take.
     encoded = [t for t in tokenizer.encode_batch([(s, None) for s in sentences]) if len(t) <= meta.max_positions]
     total = np.zeros((meta.num_layers, meta.num_heads, len(STATISTICS)))
     if not encoded:
-        return total.astype(np.float32)
+        return total.astype(np.float32), 0
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
         attention = runtime.run(pad_batch(batch, meta.pad_token_id), ["attentions"])["attentions"]
         for row, tokens in enumerate(batch):
             n = len(tokens)
             total += head_statistics(attention[row, :, :, :n, :n], tokens, cls_id, sep_id, causal=meta.causal)
-    return (total / len(encoded)).astype(np.float32)
+    return (total / len(encoded)).astype(np.float32), len(encoded)
 
 
 def compute_roles(runtime: Runtime, tokenizer: Tokenizer, meta: ModelMetadata) -> list[HeadRole]:
-    stats = probe_statistics(runtime, tokenizer, meta, probe_sentences())
+    """Every head's role from the probe corpus; none when no probe sentence fits the model's
+    positions (all-zero statistics would label every head "local" with nothing behind it)."""
+    sentences = probe_sentences()
+    stats, used = probe_statistics(runtime, tokenizer, meta, sentences)
+    if not used:
+        log.warning("head roles of %s: none of the %d probe sentences fits its %d positions; no roles",
+                    meta.name, len(sentences), meta.max_positions)
+        return []
     roles = []
     for layer in range(meta.num_layers):
         for head in range(meta.num_heads):
             named = {k: round(float(v), 5) for k, v in zip(STATISTICS, stats[layer, head], strict=True)}
             role, score = label(named, meta.causal)
             roles.append(HeadRole(layer, head, role, FAMILY[role], round(float(score), 5), named))
+    log.info("head roles of %s computed from %d of %d probe sentences", meta.name, used, len(sentences))
     return roles
 
 
@@ -134,5 +143,4 @@ def load_or_compute(folder: Path, runtime: Runtime, tokenizer: Tokenizer,
                                     "heads": [asdict(r) for r in roles]}, indent=1) + "\n")
     except OSError as exc:
         log.warning("could not store head roles in %s (%s); keeping them in memory", path, exc)
-    log.info("head roles of %s computed from %d probe sentences", meta.name, len(probe_sentences()))
     return roles

@@ -5,6 +5,7 @@ imports none of them."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ FLOAT16 = "float16"
 # Rough size of one token (id, text, span, flags) and one (from, to, strength) pair in a result.
 TOKEN_BYTES = 40
 PAIR_BYTES = 16
+# model.json's position_embedding values (attention-export writes "relative" for BERT-style
+# relative_key positions).
+POSITION_EMBEDDINGS = ("absolute", "rotary", "relative")
 
 
 @dataclass(frozen=True)
@@ -183,8 +187,9 @@ class ModelMetadata:
     """Per layer, the factor of query . key in the attention logits (empty: 1/sqrt(head_dim))."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.head_dim <= 0:
-            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)  # num_heads > 0: _check_types
         if self.num_key_value_heads <= 0:
             object.__setattr__(self, "num_key_value_heads", self.num_heads)
         if self.continuing_subword_prefix is None:
@@ -202,6 +207,38 @@ class ModelMetadata:
                              f"{self.num_layers} layers")
         if bool(self.query_outputs) != bool(self.key_outputs):
             raise ValueError("query_outputs and key_outputs go together")
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type or sign (ValueError naming the field): model.json is
+        read as JSON, and a string "false" for `causal` or a negative head count would otherwise
+        load and mislead every caller, or fail later as INTERNAL on every GetModel/ListModels."""
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("num_layers", "num_heads", "hidden_size"):
+            value = getattr(self, name)
+            if not is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: the default), got {value!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be true or false, got {self.causal!r}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {list(POSITION_EMBEDDINGS)}, "
+                             f"got {self.position_embedding!r}")
+        if not (self.word_start_prefix is None or isinstance(self.word_start_prefix, str)):
+            raise ValueError(f"word_start_prefix must be a string or null, got {self.word_start_prefix!r}")
+        for name in ("hidden_states_outputs", "query_outputs", "key_outputs"):
+            names = getattr(self, name)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{name} must be a list of output names, got {names!r}")
+        scaling = self.query_key_scaling
+        if not isinstance(scaling, list) or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0
+                for f in scaling):
+            raise ValueError(f"query_key_scaling must be a list of positive numbers, got {scaling!r}")
 
     def scaling(self, layer: int) -> float:
         """The factor of query . key in layer `layer`'s attention logits."""

@@ -40,9 +40,10 @@ def _advice(plan: Plan, indices: Iterable[int], factor: float = 1.0) -> str:
     """ADVICE, after what the optional outputs take of the response when they were asked for
     (they can be the bulk of it: query_key on 512 tokens is 2 x 4.7 MiB a layer)."""
     indices = list(indices)
-    shares = [(name, sum(bytes_of(i) for i in indices) * factor) for name, bytes_of in (
-        ("options.query_key", plan.query_key_bytes), ("options.hidden_states_layers", plan.hidden_states_layers_bytes))]
-    named = [f"{name} takes {size / 2**20:.1f} MiB of it" for name, size in shares if size]
+    shares = [(name, sum(bytes_of(i) for i in indices) * factor, remedy) for name, bytes_of, remedy in (
+        ("options.query_key", plan.query_key_bytes, "ask for fewer layers/heads or leave it out"),
+        ("options.hidden_states_layers", plan.hidden_states_layers_bytes, "list fewer layers or leave it out"))]
+    named = [f"{name} takes {size / 2**20:.1f} MiB of it ({remedy})" for name, size, remedy in shares if size]
     if not named:
         return ADVICE
-    return f"{'; '.join(named)}: ask for fewer layers/heads or leave it out; or {ADVICE}"
+    return f"{'; '.join(named)}; or {ADVICE}"

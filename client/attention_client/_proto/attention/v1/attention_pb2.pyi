@@ -783,7 +783,7 @@ class ModelInfo(_message.Message):
     Head says which one it reads in kv_head).
     """
     position_embedding: _builtins.str
-    """"absolute" (position embeddings added to the input) or "rotary"."""
+    """"absolute" (position embeddings added to the input), "rotary" or "relative"."""
     head_dim: _builtins.int
     """Size of one head's query and key vectors."""
     supports_hidden_states_layers: _builtins.bool
