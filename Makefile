@@ -114,7 +114,7 @@ fuzz: $(DEV_VENV)/.installed model ## long hypothesis run against a real server 
 	  --hypothesis-show-statistics $(PYTEST_ARGS)
 
 bench: EXPORTER := $(DEV_VENV)
-bench: $(DEV_VENV)/.installed model bench-peers ## under 10 minutes (ARGS="--quick": 3): every performance target, against in-process ONNX Runtime, HF transformers, KServe and MLServer
+bench: $(DEV_VENV)/.installed model bench-peers ## about 7.5 minutes (ARGS="--quick": 2): every performance target, against in-process ONNX Runtime, HF transformers, KServe and MLServer
 	$(DEV_BIN)/python -m pip install -q -c $(CONSTRAINTS) -r $(REQ)/bench.txt
 	$(DEV_BIN)/python -m bench.run $(ARGS)
 
