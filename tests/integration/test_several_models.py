@@ -104,16 +104,30 @@ out = {}
 for name in sys.argv[3:]:
     g = grpcclient.InferenceServerClient(grpc_target).get_model_config(name, as_json=True)["config"]
     h = httpclient.InferenceServerClient(http_target).get_model_config(name)
-    out[name] = {"grpc": g["parameters"], "http": h["parameters"]}
+    out[name] = {"grpc": g["parameters"], "http": h["parameters"], "inputs": [t["name"] for t in h["input"]]}
+try:
+    grpcclient.InferenceServerClient(grpc_target).infer("tiny-gpt2", [
+        grpcclient.InferInput(n, [1, 3], "INT64").set_data_from_numpy(__import__("numpy").ones((1, 3), "int64"))
+        for n in ("input_ids", "token_type_ids")])
+    out["typed_gpt2"] = "served"
+except Exception as exc:
+    out["typed_gpt2"] = str(exc)
 print(json.dumps(out))
 """
 
 
 def test_open_inference_protocol_model_config_says_it_too(server: ServerThread) -> None:
     done = subprocess.run([sys.executable, "-c", TRITON_CONFIGS, server.target, server.http_url.removeprefix("http://"),
-                           "tiny-llama", DEFAULT], capture_output=True, text=True, timeout=120)
+                           "tiny-llama", "tiny-gpt2", DEFAULT], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     configs = json.loads(done.stdout)
+    # Token types only where the model takes them; a caller sending them elsewhere is told which input.
+    assert configs["tiny-gpt2"].pop("inputs") == configs["tiny-llama"].pop("inputs") == ["input_ids", "attention_mask",
+                                                                                         "text"]
+    assert configs[DEFAULT].pop("inputs") == ["input_ids", "attention_mask", "token_type_ids", "text"]
+    typed = configs.pop("typed_gpt2")
+    assert "INVALID_ARGUMENT" in typed and "input 'token_type_ids'" in typed and "unexpected input" in typed
+    del configs["tiny-gpt2"]
     for parameters in configs["tiny-llama"].values():
         values = {k: v["string_value"] for k, v in parameters.items()}
         assert values["causal"] == "true" and values["num_key_value_heads"] == "2"

@@ -76,12 +76,10 @@ def model_tensors(meta: ModelMetadata) -> tuple[list[TensorSpec], list[TensorSpe
     """What the model takes and returns. The layer and head axes follow the `layers` and
     `heads` parameters (all of the model's by default), so they are declared variable (-1)."""
     layers = heads = -1
-    inputs = [
-        TensorSpec("input_ids", "INT64", (-1, -1), optional=True),
-        TensorSpec("attention_mask", "INT64", (-1, -1), optional=True),
-        TensorSpec("token_type_ids", "INT64", (-1, -1), optional=True),
-        TensorSpec(TEXT, "BYTES", (-1, 1), optional=True),
-    ]
+    # token_type_ids only for models that take them (BERT; not RoBERTa, GPT-2, Llama).
+    inputs = [TensorSpec(name, "INT64", (-1, -1), optional=True) for name in ID_INPUTS
+              if name != "token_type_ids" or name in meta.inputs]
+    inputs.append(TensorSpec(TEXT, "BYTES", (-1, 1), optional=True))
     outputs = [
         TensorSpec("last_hidden_state", "FP32", (-1, -1, meta.hidden_size)),
         TensorSpec("attentions", "FP32", (-1, layers, heads, -1, -1)),
